@@ -1,0 +1,1 @@
+"""Development stand-ins for what cannot exist on CPU-only machines (see README, "Stand-ins")."""

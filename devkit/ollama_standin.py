@@ -1,0 +1,211 @@
+"""A stand-in for Ollama's native API (/api/chat, /api/embed, /api/pull, /api/tags, /api/version).
+
+Ollama's own images cannot be pulled here. This server speaks the same wire protocol so the
+gateway's Ollama adapter, the `ollama` client library and the Ansible model-pull step are
+exercised for real. It generates either with the real llama.cpp engine (`--gguf`, used by the
+molecule rig and the demo) or with canned, deterministic words (tests, benchmarks), optionally
+holding each token `--token-delay-ms`.
+
+Test hooks, by model name: a model named `fail-midstream` streams two tokens then an error line.
+
+    python -m devkit.ollama_standin --port 11434 [--gguf tiny.gguf] [--models a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ndjson(obj: Any) -> bytes:
+    return orjson.dumps(obj) + b"\n"
+
+
+class Generator:
+    """Produces tokens for a chat: canned words, or the real llama.cpp engine."""
+
+    def __init__(self, gguf: str | None):
+        self.llama = None
+        self.lock = threading.Lock()
+        if gguf:
+            from llama_cpp import Llama
+
+            self.llama = Llama(model_path=gguf, n_ctx=1024, n_threads=2, verbose=False, embedding=False)
+
+    def canned(self, messages: list[dict[str, Any]], limit: int) -> list[str]:
+        seed = hashlib.sha256(orjson.dumps(messages)).digest()
+        return [WORDS[seed[i % len(seed)] % len(WORDS)] + " " for i in range(limit)]
+
+    def real(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> Any:
+        with self.lock:
+            return list(self.llama.create_chat_completion(
+                messages=[{"role": m["role"], "content": m.get("content", "")} for m in messages],
+                max_tokens=options.get("num_predict", 16), temperature=options.get("temperature", 0.8),
+                stop=options.get("stop"), seed=options.get("seed"), stream=True))
+
+
+def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float = 0.0,
+               embed_dim: int = 8) -> Starlette:
+    state: dict[str, Any] = {"models": set(models), "requests": [], "generator": Generator(gguf)}
+
+    def known(name: str) -> bool:
+        return name in state["models"] or name.split(":")[0] in {m.split(":")[0] for m in state["models"]} or name == "fail-midstream"
+
+    def not_found(name: str) -> Response:
+        return Response(orjson.dumps({"error": f"model '{name}' not found"}), status_code=404,
+                        media_type="application/json")
+
+    async def version(request: Request) -> Response:
+        return Response(orjson.dumps({"version": "0.6.8-standin"}), media_type="application/json")
+
+    async def tags(request: Request) -> Response:
+        return Response(orjson.dumps({"models": [
+            {"name": m, "model": m, "modified_at": _now(), "size": 1, "digest": hashlib.sha256(m.encode()).hexdigest(),
+             "details": {"format": "gguf", "family": "llama", "parameter_size": "1M", "quantization_level": "F32"}}
+            for m in sorted(state["models"])]}), media_type="application/json")
+
+    async def pull(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        name = body.get("model") or body.get("name")
+        state["requests"].append(("pull", body))
+        state["models"].add(name)
+        steps = [{"status": "pulling manifest"},
+                 {"status": "pulling 0000", "digest": "sha256:0000", "total": 100, "completed": 100},
+                 {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        if body.get("stream") is False:
+            return Response(orjson.dumps(steps[-1]), media_type="application/json")
+        return StreamingResponse(iter([_ndjson(s) for s in steps]), media_type="application/x-ndjson")
+
+    async def tokens(body: dict[str, Any]) -> AsyncIterator[tuple[str, str | None]]:
+        options = body.get("options") or {}
+        limit = int(options.get("num_predict") or 8)
+        if state["generator"].llama is not None:
+            chunks = await asyncio.to_thread(state["generator"].real, body["messages"], options)
+            for c in chunks:
+                choice = c["choices"][0]
+                text = choice["delta"].get("content") or ""
+                if text:
+                    yield text, None
+                if choice.get("finish_reason"):
+                    yield "", choice["finish_reason"]
+            return
+        words = state["generator"].canned(body["messages"], limit)
+        stops = options.get("stop") or []
+        for word in words:
+            if token_delay_ms:
+                await asyncio.sleep(token_delay_ms / 1000)
+            if word.strip() in stops:
+                yield "", "stop"
+                return
+            yield word, None
+        yield "", "length"
+
+    def final(body: dict[str, Any], reason: str, count: int, started: float) -> dict[str, Any]:
+        prompt = sum(len(str(m.get("content", "")).split()) for m in body["messages"]) + 4
+        elapsed = int((time.perf_counter() - started) * 1e9)
+        return {"model": body["model"], "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": reason, "total_duration": elapsed, "load_duration": 0,
+                "prompt_eval_count": prompt, "prompt_eval_duration": 1, "eval_count": count, "eval_duration": elapsed}
+
+    async def chat(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        state["requests"].append(("chat", body))
+        if not known(body.get("model", "")):
+            return not_found(body.get("model", ""))
+        started = time.perf_counter()
+        stream = body.get("stream", True)
+        if body["model"] == "fail-midstream":
+            async def broken() -> AsyncIterator[bytes]:
+                for word in ("one ", "two "):
+                    yield _ndjson({"model": body["model"], "created_at": _now(),
+                                   "message": {"role": "assistant", "content": word}, "done": False})
+                yield _ndjson({"error": "an error was encountered while running the model: out of memory"})
+            return StreamingResponse(broken(), media_type="application/x-ndjson")
+        tools = body.get("tools")
+        if not stream:
+            text, reason, count = "", "length", 0
+            async for piece, finish in tokens(body):
+                text += piece
+                count += bool(piece)
+                reason = finish or reason
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tools:
+                fn = tools[0]["function"]
+                message = {"role": "assistant", "content": "",
+                           "tool_calls": [{"function": {"name": fn["name"], "arguments": {"city": "Hanoi"}}}]}
+                reason = "stop"
+            reply = final(body, reason, count, started)
+            reply["message"] = message
+            return Response(orjson.dumps(reply), media_type="application/json")
+
+        async def lines() -> AsyncIterator[bytes]:
+            count, reason = 0, "length"
+            async for piece, finish in tokens(body):
+                if piece:
+                    count += 1
+                    yield _ndjson({"model": body["model"], "created_at": _now(),
+                                   "message": {"role": "assistant", "content": piece}, "done": False})
+                reason = finish or reason
+            yield _ndjson(final(body, reason, count, started))
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def embed(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        state["requests"].append(("embed", body))
+        if not known(body.get("model", "")):
+            return not_found(body.get("model", ""))
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors = []
+        for text in inputs:
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [b / 255.0 - 0.5 for b in digest[:embed_dim]]
+            norm = sum(v * v for v in raw) ** 0.5 or 1.0
+            vectors.append([v / norm for v in raw])
+        return Response(orjson.dumps({"model": body["model"], "embeddings": vectors, "total_duration": 1,
+                                      "load_duration": 0, "prompt_eval_count": sum(len(t.split()) for t in inputs)}),
+                        media_type="application/json")
+
+    app = Starlette(routes=[
+        Route("/api/version", version), Route("/api/tags", tags), Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]), Route("/api/embed", embed, methods=["POST"]),
+        Route("/", lambda r: Response("Ollama is running"))])
+    app.state.standin = state
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--models", default="", help="comma-separated models already 'pulled'")
+    parser.add_argument("--gguf", default=None, help="generate with llama.cpp from this GGUF")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    uvicorn.run(create_app(models, args.gguf, args.token_delay_ms), host=args.host, port=args.port,
+                log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Load a config.yaml, validate it against the schema plus the rules a schema cannot say, build typed settings."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .schema import ConfigIssue, schema_issues, with_defaults
+
+CONFIG_ENV = "VILMS_CONFIG"
+
+
+class ConfigError(Exception):
+    """A config that must not be used; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(i.render() for i in issues))
+
+
+def normalize_params(raw: Any) -> dict[str, Any]:
+    """The seed wrote params as a list of one-key maps; a map is accepted too. Both become one map."""
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    merged: dict[str, Any] = {}
+    for item in raw:
+        merged.update(item)
+    return merged
+
+
+def as_url_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One configured model, as written (before routing decides its engine)."""
+
+    name: str
+    type: str = "llm"
+    engine: str | None = None
+    aliases: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    base_urls: tuple[str, ...] = ()
+    vllm_args: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    matryoshka: bool = False
+    pointer: str = ""
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.type == "embedding"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config with schema defaults filled in. `raw` is that filled dict."""
+
+    raw: dict[str, Any]
+    models: tuple[ModelSpec, ...]
+    source: str = "<memory>"
+
+    @property
+    def platform(self) -> str:
+        return self.raw["host"]["platform"]
+
+    @property
+    def serving(self) -> dict[str, Any]:
+        return self.raw["serving"]
+
+    @property
+    def embedding(self) -> dict[str, Any]:
+        return self.raw["embedding"]
+
+    @property
+    def gateway(self) -> dict[str, Any]:
+        return self.raw["gateway"]
+
+    @property
+    def media(self) -> dict[str, Any]:
+        return self.raw["media"]
+
+    @property
+    def docker(self) -> dict[str, Any]:
+        return self.raw["docker"]
+
+    @property
+    def global_aliases(self) -> dict[str, str]:
+        return dict(self.raw.get("model-aliases") or {})
+
+
+def _model_specs(filled: dict[str, Any]) -> list[ModelSpec]:
+    specs = []
+    for index, m in enumerate(filled["serving"].get("models") or []):
+        specs.append(
+            ModelSpec(
+                name=m["name"],
+                type=m.get("type", "llm"),
+                engine=m.get("engine"),
+                aliases=tuple(m.get("aliases") or ()),
+                params=normalize_params(m.get("params")),
+                path=m.get("path"),
+                base_urls=as_url_list(m.get("base-url")),
+                vllm_args=tuple(m.get("vllm-args") or ()),
+                trust_remote_code=bool(m.get("trust-remote-code", False)),
+                matryoshka=bool(m.get("matryoshka", False)),
+                pointer=f"/serving/models/{index}",
+            )
+        )
+    emb = filled["embedding"]
+    names = {s.name for s in specs}
+    if emb.get("enabled") and emb.get("model") and emb["model"] not in names:
+        specs.append(
+            ModelSpec(
+                name=emb["model"],
+                type="embedding",
+                engine="openai" if emb.get("base-url") else "local",
+                aliases=tuple(emb.get("aliases") or ()),
+                path=emb.get("path"),
+                base_urls=as_url_list(emb.get("base-url")),
+                trust_remote_code=bool(emb.get("trust-remote-code")),
+                matryoshka=bool(emb.get("matryoshka")),
+                pointer="/embedding",
+            )
+        )
+    return specs
+
+
+def build_config(data: Any, source: str = "<memory>") -> Config:
+    """Validate `data` (schema, then cross-field rules) and return a Config, or raise ConfigError."""
+    issues = schema_issues(data)
+    if issues:
+        raise ConfigError(issues)
+    filled = with_defaults(data)
+    config = Config(raw=filled, models=tuple(_model_specs(filled)), source=source)
+    from .routing import semantic_issues  # routing owns alias and engine rules
+
+    errors = [i for i in semantic_issues(config) if i.severity == "error"]
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from exc
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError([ConfigIssue("", f"no config given: pass --config or set {CONFIG_ENV}")])
+    return build_config(read_yaml(path), source=str(path))

@@ -1,0 +1,254 @@
+"""Ollama through its native API (/api/chat, /api/embed): the only way to set num_ctx and keep_alive.
+
+Requests are translated from OpenAI shape; NDJSON replies are translated back, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import httpx
+import orjson
+from starlette.responses import Response
+
+from ..errors import BackendError, BadRequest, GatewayError
+from ..observe import Observation
+from ..routing import Route
+from .base import ChatCall, EmbedResult, Engine, sse_response, stream_failure
+
+PROBE_TIMEOUT = 2.0
+
+# OpenAI request field -> Ollama options key.
+_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repeat_penalty": "repeat_penalty",
+    "num_ctx": "num_ctx",
+    "min_p": "min_p",
+}
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def _image_b64(part: dict[str, Any]) -> str:
+    """Media preparation turned every image into a data URL; Ollama wants the bare base64."""
+    url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+    return url.partition(",")[2]
+
+
+def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for message in messages:
+        content = message.get("content")
+        item: dict[str, Any] = {"role": message["role"]}
+        if isinstance(content, list):
+            texts, images = [], []
+            for part in content:
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(part.get("text", ""))
+                elif kind == "image_url":
+                    images.append(_image_b64(part))
+            item["content"] = "\n".join(texts)
+            if images:
+                item["images"] = images
+        else:
+            item["content"] = content or ""
+        if message.get("tool_calls"):
+            item["tool_calls"] = [
+                {"function": {"name": c["function"]["name"], "arguments": _json_args(c["function"].get("arguments"))}}
+                for c in message["tool_calls"]
+            ]
+        if message["role"] == "tool" and message.get("name"):
+            item["tool_name"] = message["name"]
+        out.append(item)
+    return out
+
+
+def _json_args(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments) if arguments else {}
+        except orjson.JSONDecodeError:
+            return arguments
+    return arguments or {}
+
+
+def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    if body.get("n", 1) not in (1, None):
+        raise BadRequest("the ollama engine returns one choice per request; n must be 1", param="n")
+    options = {dst: body[src] for src, dst in _OPTIONS.items() if body.get(src) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        options["num_predict"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else stop
+    request: dict[str, Any] = {"model": body["model"], "messages": to_ollama_messages(body["messages"]),
+                               "stream": stream, "options": options}
+    if body.get("keep_alive") is not None:
+        request["keep_alive"] = body["keep_alive"]
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_object":
+        request["format"] = "json"
+    elif fmt.get("type") == "json_schema":
+        request["format"] = (fmt.get("json_schema") or {}).get("schema", {})
+    if body.get("tools"):
+        request["tools"] = body["tools"]
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        request["think"] = effort if effort in ("low", "medium", "high") else bool(effort)
+    return request
+
+
+def _tool_calls(calls: list[dict[str, Any]], with_index: bool) -> list[dict[str, Any]]:
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function", {})
+        args = fn.get("arguments", {})
+        entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": fn.get("name", ""), "arguments": args if isinstance(args, str) else orjson.dumps(args).decode()}}
+        if with_index:
+            entry["index"] = i
+        out.append(entry)
+    return out
+
+
+def _usage(line: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = int(line.get("prompt_eval_count") or 0), int(line.get("eval_count") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(line: dict[str, Any], saw_tools: bool) -> str:
+    if saw_tools:
+        return "tool_calls"
+    return _FINISH.get(line.get("done_reason") or "stop", "stop")
+
+
+class OllamaEngine(Engine):
+    kind = "ollama"
+
+    async def chat(self, call: ChatCall) -> Response:
+        payload = orjson.dumps(to_ollama_request(call.body, call.stream))
+        urls = call.route.base_urls
+        if not call.stream:
+            raw = await self.post_json(call.obs, urls, "/api/chat", payload)
+            answer = self._completion(call, raw)
+            call.obs.finish(200)
+            return Response(orjson.dumps(answer), media_type="application/json")
+        upstream = await self.open_with_deadline(call.obs, urls, "/api/chat", payload)
+        return sse_response(self._translate_stream(call, upstream))
+
+    def _completion(self, call: ChatCall, raw: bytes) -> dict[str, Any]:
+        try:
+            line = orjson.loads(raw)
+            if "error" in line:
+                raise BackendError(f"ollama engine error: {line['error']}")
+            msg = line.get("message") or {}
+        except (orjson.JSONDecodeError, AttributeError) as exc:
+            raise BackendError("ollama engine returned an answer of unknown shape") from exc
+        message: dict[str, Any] = {"role": "assistant", "content": msg.get("content", "")}
+        if msg.get("thinking"):
+            message["reasoning_content"] = msg["thinking"]
+        tools = msg.get("tool_calls") or []
+        if tools:
+            message["tool_calls"] = _tool_calls(tools, with_index=False)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": call.route.name,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": _finish_reason(line, bool(tools))}],
+                "usage": _usage(line)}
+
+    async def _translate_stream(self, call: ChatCall, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": call.route.name}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                   "finish_reason": finish}]}) + b"\n\n"
+
+        status, note, buffer, saw_tools, first = 200, "", b"", False, True
+        try:
+            async for data in upstream.aiter_raw():
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                out = []
+                for raw in lines:
+                    if not raw.strip():
+                        continue
+                    line = orjson.loads(raw)
+                    if "error" in line:
+                        raise _StreamError(str(line["error"]))
+                    msg = line.get("message") or {}
+                    delta: dict[str, Any] = {}
+                    if first:
+                        delta["role"] = "assistant"
+                        first = False
+                    if msg.get("content"):
+                        delta["content"] = msg["content"]
+                    if msg.get("thinking"):
+                        delta["reasoning_content"] = msg["thinking"]
+                    if msg.get("tool_calls"):
+                        saw_tools = True
+                        delta["tool_calls"] = _tool_calls(msg["tool_calls"], with_index=True)
+                    if delta:
+                        out.append(chunk(delta))
+                    if line.get("done"):
+                        out.append(chunk({}, _finish_reason(line, saw_tools)))
+                        if call.include_usage:
+                            out.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": _usage(line)}) + b"\n\n")
+                        out.append(b"data: [DONE]\n\n")
+                if out:
+                    call.obs.chunk()
+                    yield b"".join(out)
+        except _StreamError as exc:
+            call.obs.upstream_error("stream")
+            status, note = 502, "stream_error"
+            yield BackendError(f"ollama engine error: {exc}", code="engine_error").sse()
+        except orjson.JSONDecodeError:
+            call.obs.upstream_error("stream")
+            status, note = 502, "stream_error"
+            yield BackendError("ollama engine sent a line that is not JSON", code="engine_error").sse()
+        except httpx.HTTPError as exc:
+            call.obs.upstream_error("stream")
+            failure = stream_failure(self.kind, exc)
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        finally:
+            await upstream.aclose()
+            call.obs.finish(status, note)
+
+    async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
+        request: dict[str, Any] = {"model": route.name, "input": inputs}
+        if dimensions is not None:
+            request["dimensions"] = dimensions
+        keep_alive = route.spec.params.get("keep-alive")
+        if keep_alive is not None:
+            request["keep_alive"] = keep_alive
+        obs = Observation("embeddings-upstream", "-", route.name, self.kind)
+        raw = await self.post_json(obs, route.base_urls, "/api/embed", orjson.dumps(request))
+        try:
+            data = orjson.loads(raw)
+            vectors = data["embeddings"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BackendError("ollama engine returned an embeddings answer of unknown shape") from exc
+        return EmbedResult(vectors, int(data.get("prompt_eval_count") or 0))
+
+    async def ready(self, base_url: str) -> bool:
+        try:
+            response = await self.client.get(base_url + "/api/version", timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+class _StreamError(Exception):
+    pass
+
+
+__all__ = ["OllamaEngine", "GatewayError"]

@@ -1,0 +1,85 @@
+"""OpenAI-compatible engines (vLLM, llama.cpp server, any /v1 server): bytes pass straight through."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import httpx
+import orjson
+from starlette.responses import Response
+
+from ..errors import BackendError, GatewayError
+from ..routing import Route
+from .base import ChatCall, EmbedResult, Engine, sse_response, stream_failure
+
+PROBE_TIMEOUT = 2.0
+
+
+class OpenAICompatEngine(Engine):
+    """Forwards the request body (model renamed, defaults filled) and relays the answer unparsed.
+
+    Non-streaming answers are returned as the engine's own bytes; streams are relayed chunk by
+    chunk as they arrive, so the gateway adds no buffering and no re-serialisation.
+    """
+
+    kind = "openai"
+
+    def __init__(self, client: httpx.AsyncClient, total_timeout: float, kind: str = "openai"):
+        super().__init__(client, total_timeout)
+        self.kind = kind
+
+    async def chat(self, call: ChatCall) -> Response:
+        payload = orjson.dumps(call.body)
+        urls = call.route.base_urls
+        if not call.stream:
+            body = await self.post_json(call.obs, urls, "/v1/chat/completions", payload)
+            call.obs.finish(200)
+            return Response(body, media_type="application/json")
+        upstream = await self.open_with_deadline(call.obs, urls, "/v1/chat/completions", payload)
+        return sse_response(self._relay(call, upstream))
+
+    async def _relay(self, call: ChatCall, upstream: httpx.Response) -> AsyncIterator[bytes]:
+        status, note = 200, ""
+        try:
+            async for chunk in upstream.aiter_raw():
+                call.obs.chunk()
+                yield chunk
+        except httpx.HTTPError as exc:
+            call.obs.upstream_error("stream")
+            failure = stream_failure(self.kind, exc)
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        finally:
+            # Runs on normal end, on error, and when the client disconnects (generator cancelled):
+            # closing the upstream response aborts generation on the engine.
+            await upstream.aclose()
+            call.obs.finish(status, note or ("" if call.obs.first_chunk else "empty_stream"))
+
+    async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
+        from ..observe import Observation
+
+        request: dict = {"model": route.name, "input": inputs, "encoding_format": "float"}
+        if dimensions is not None:
+            request["dimensions"] = dimensions
+        obs = Observation("embeddings-upstream", "-", route.name, self.kind)
+        body = await self.post_json(obs, route.base_urls, "/v1/embeddings", orjson.dumps(request))
+        try:
+            data = orjson.loads(body)
+            rows = sorted(data["data"], key=lambda row: row["index"])
+            vectors = [row["embedding"] for row in rows]
+            tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BackendError(f"{self.kind} engine returned an embeddings answer of unknown shape") from exc
+        if len(vectors) != len(inputs):
+            raise BackendError(f"{self.kind} engine returned {len(vectors)} vectors for {len(inputs)} inputs")
+        return EmbedResult(vectors, tokens)
+
+    async def ready(self, base_url: str) -> bool:
+        try:
+            response = await self.client.get(base_url + "/v1/models", timeout=PROBE_TIMEOUT)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+__all__ = ["OpenAICompatEngine", "GatewayError"]

@@ -1,0 +1,227 @@
+"""The one alias/engine resolver: which model a name means, which engine serves it, at which URLs.
+
+Everything here is computed once per config; a request costs one dict lookup.
+Chat routing follows the seed's five rules, in order:
+  1. serving.engine == ollama      -> every chat model on Ollama
+  2. host.platform == js (Jetson)  -> Ollama
+  3. the model's own `engine`
+  4. the model's `type` (vlm -> Ollama)
+  5. legacy heuristic: a name containing "vl" -> Ollama; otherwise serving.engine
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from .config import Config, ModelSpec, as_url_list
+from .schema import ConfigIssue
+
+OLLAMA_DEFAULT_URL = "http://ollama:11434"
+VLLM_PORT = 8000
+OPENAI_KINDS = ("vllm", "openai")
+
+
+def vllm_service_name(model_name: str) -> str:
+    """Compose service (and DNS) name of the vLLM container serving `model_name`.
+
+    Shared by the compose renderer and the gateway's URL derivation, so the two always agree.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+    return f"vllm-{slug[:48].rstrip('-') or 'model'}"
+
+
+def strip_api_suffix(url: str) -> str:
+    """Accept `http://h:8000`, `http://h:8000/` or `http://h:8000/v1`; engines add their own paths."""
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one model is served. `engine` is ollama | vllm | openai | local."""
+
+    spec: ModelSpec
+    engine: str
+    base_urls: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def chat_engine(config: Config, spec: ModelSpec) -> str:
+    serving = config.serving
+    if serving["engine"] == "ollama":
+        return "ollama"
+    if config.platform == "js":
+        return "ollama"
+    if spec.engine:
+        return spec.engine
+    if spec.type == "vlm":
+        return "ollama"
+    if "vl" in spec.name.lower():
+        return "ollama"
+    return serving["engine"]
+
+
+def embedding_engine(spec: ModelSpec) -> str:
+    if spec.engine:
+        return spec.engine
+    return "openai" if spec.base_urls else "local"
+
+
+def engine_urls(config: Config, spec: ModelSpec, engine: str) -> tuple[str, ...]:
+    serving = config.serving
+    if spec.base_urls:
+        urls = spec.base_urls
+    elif engine == "ollama":
+        urls = (
+            as_url_list(serving.get("ollama-base-url"))
+            or (as_url_list(serving.get("base-url")) if serving["engine"] == "ollama" else ())
+            or (OLLAMA_DEFAULT_URL,)
+        )
+    elif engine == "vllm":
+        urls = as_url_list(serving.get("vllm-base-url")) or (f"http://{vllm_service_name(spec.name)}:{VLLM_PORT}",)
+    elif engine == "openai":
+        urls = as_url_list(serving.get("base-url")) if serving["engine"] == "openai" else ()
+    else:
+        urls = ()
+    return tuple(strip_api_suffix(u) for u in urls)
+
+
+class Router:
+    """Resolves request model names (names or aliases, chained) to Routes."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.routes: dict[str, Route] = {}
+        for spec in config.models:
+            engine = embedding_engine(spec) if spec.is_embedding else chat_engine(config, spec)
+            self.routes[spec.name] = Route(spec, engine, engine_urls(config, spec, engine))
+        self.aliases: dict[str, str] = {}
+        for alias, target in _alias_edges(config):
+            self.aliases.setdefault(alias, target)
+        self._lookup: dict[str, Route] = dict(self.routes)
+        for alias in self.aliases:
+            target = self.follow(alias)
+            if target in self.routes:
+                self._lookup[alias] = self.routes[target]
+
+    def follow(self, name: str) -> str:
+        seen = {name}
+        while name in self.aliases and name not in self.routes:
+            name = self.aliases[name]
+            if name in seen:
+                break
+            seen.add(name)
+        return name
+
+    def resolve(self, name: str) -> Route | None:
+        return self._lookup.get(name)
+
+    def names(self, kind: str | None = None) -> list[str]:
+        """Every usable name (models then aliases), optionally only chat or only embedding ones."""
+        out = []
+        for name, route in self._lookup.items():
+            if kind == "embedding" and not route.spec.is_embedding:
+                continue
+            if kind == "chat" and route.spec.is_embedding:
+                continue
+            out.append(name)
+        return out
+
+    def engines(self) -> dict[tuple[str, tuple[str, ...]], list[Route]]:
+        """Routes grouped by (engine, urls): what readiness must probe."""
+        groups: dict[tuple[str, tuple[str, ...]], list[Route]] = {}
+        for route in self.routes.values():
+            groups.setdefault((route.engine, route.base_urls), []).append(route)
+        return groups
+
+
+def _alias_edges(config: Config) -> Iterable[tuple[str, str]]:
+    for alias, target in config.global_aliases.items():
+        yield alias, target
+    for spec in config.models:
+        for alias in spec.aliases:
+            yield alias, spec.name
+
+
+def semantic_issues(config: Config) -> list[ConfigIssue]:
+    """Rules the schema cannot express: duplicates, alias conflicts and loops, engine/type fit, reachability."""
+    issues: list[ConfigIssue] = []
+    models: dict[str, ModelSpec] = {}
+    for spec in config.models:
+        if spec.name in models:
+            issues.append(ConfigIssue(f"{spec.pointer}/name", f"model {spec.name!r} is defined twice",
+                                      f"first definition at {models[spec.name].pointer}"))
+        models.setdefault(spec.name, spec)
+
+    # Where each alias is defined, to report conflicts rather than let one silently win.
+    definitions: dict[str, list[tuple[str, str]]] = {}
+    for alias, target in config.global_aliases.items():
+        definitions.setdefault(alias, []).append((target, f"/model-aliases/{alias}"))
+    for spec in config.models:
+        for i, alias in enumerate(spec.aliases):
+            where = f"{spec.pointer}/aliases/{i}" if spec.pointer != "/embedding" else f"/embedding/aliases/{i}"
+            definitions.setdefault(alias, []).append((spec.name, where))
+
+    for alias, defs in definitions.items():
+        if alias in models:
+            issues.append(ConfigIssue(defs[0][1], f"alias {alias!r} has the same name as a model",
+                                      "rename the alias; a model name cannot also be an alias"))
+            continue
+        targets = {t for t, _ in defs}
+        if len(targets) > 1:
+            places = "; ".join(f"{w} -> {t!r}" for t, w in defs)
+            issues.append(ConfigIssue(defs[1][1], f"alias {alias!r} is defined with different targets: {places}",
+                                      "keep one definition"))
+
+    edges = {alias: defs[0][0] for alias, defs in definitions.items() if alias not in models}
+    for alias, (target, where) in ((a, d[0]) for a, d in definitions.items() if a not in models):
+        chain = [alias]
+        node = target
+        while node in edges and node not in models:
+            if node in chain:
+                loop = " -> ".join(chain[chain.index(node):] + [node])
+                issues.append(ConfigIssue(where, f"alias loop: {loop}", "point one alias at a model name"))
+                break
+            chain.append(node)
+            node = edges[node]
+        else:
+            if node not in models:
+                issues.append(ConfigIssue(where, f"alias {alias!r} points to unknown model {node!r}",
+                                          "known models: " + ", ".join(sorted(models)) if models else "no models configured"))
+
+    services: dict[str, str] = {}
+    for spec in config.models:
+        if spec.is_embedding:
+            engine = embedding_engine(spec)
+            if engine == "local" and not (spec.path or spec.name):
+                issues.append(ConfigIssue(spec.pointer, "local embedding model needs a name or path"))
+        else:
+            engine = chat_engine(config, spec)
+            if spec.engine == "local":
+                issues.append(ConfigIssue(f"{spec.pointer}/engine", "engine 'local' serves embedding models only",
+                                          "use ollama, vllm or openai for chat models"))
+        if engine == "openai" and not engine_urls(config, spec, engine):
+            issues.append(ConfigIssue(spec.pointer, f"model {spec.name!r} uses an OpenAI-compatible engine with no URL",
+                                      "set base-url on the model, or serving.base-url with serving.engine: openai"))
+        if engine == "vllm" and not spec.base_urls and not config.serving.get("vllm-base-url"):
+            service = vllm_service_name(spec.name)
+            if service in services and services[service] != spec.name:
+                issues.append(ConfigIssue(f"{spec.pointer}/name",
+                                          f"models {services[service]!r} and {spec.name!r} map to the same vLLM service {service!r}",
+                                          "rename one model"))
+            services[service] = spec.name
+
+    emb = config.embedding
+    if emb.get("enabled") and not emb.get("model"):
+        issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",
+                                  "name the embedding model (or set enabled: false)"))
+    if config.serving["engine"] == "vllm" and config.serving.get("base-url") and not config.serving.get("vllm-base-url"):
+        issues.append(ConfigIssue("/serving/base-url",
+                                  "serving.base-url is not used for vllm models: each gets its own service",
+                                  "set serving.vllm-base-url to send every vllm model to one server", severity="warning"))
+    return issues
