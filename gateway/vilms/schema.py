@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.exceptions import ValidationError
 
 SCHEMA_NAME = "vilms-config.schema.json"
 
@@ -73,7 +73,7 @@ def _hint(error: ValidationError) -> str:
         return "one of: " + ", ".join(json.dumps(v) for v in error.validator_value)
     if error.validator == "required":
         return "add the missing key"
-    if error.validator == "pattern" and "url" in str(error.schema_path).lower():
+    if error.validator == "pattern" and str(error.validator_value).startswith("^https?"):
         return "use an http:// or https:// URL"
     description = error.schema.get("description") if isinstance(error.schema, dict) else None
     return description or ""
@@ -83,10 +83,15 @@ def schema_issues(data: Any) -> list[ConfigIssue]:
     """All schema violations, deepest useful cause for oneOf/anyOf branches."""
     issues = []
     for error in sorted(validator().iter_errors(data), key=lambda e: list(e.absolute_path)):
-        if error.context:
-            error = best_match(error.context)
+        while error.context:
+            error = _deepest(error.context)
         issues.append(ConfigIssue(pointer(error.absolute_path), error.message, _hint(error)))
     return issues
+
+
+def _deepest(errors: list[ValidationError]) -> ValidationError:
+    """Of a oneOf's branch errors, the one that got furthest into the data (and not a mere type miss)."""
+    return max(errors, key=lambda e: (len(e.absolute_path), e.validator != "type", -errors.index(e)))
 
 
 def with_defaults(data: dict[str, Any]) -> dict[str, Any]:

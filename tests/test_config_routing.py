@@ -1,0 +1,128 @@
+"""The schema contract, `vilms validate`, alias resolution and the seed's five routing rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vilms.config import ConfigError, build_config
+from vilms.routing import Router, vllm_service_name
+from vilms.schema import with_defaults
+
+SEED_CONFIG = {
+    "host": {"platform": "dgpu"},
+    "serving": {
+        "engine": "vllm",
+        "models": [
+            {"name": "qwen3:4b-instruct", "type": "llm", "engine": "vllm", "aliases": ["LLM", "LLM_SMALL"],
+             "params": [{"temperature": 0.7}, {"max-tokens": 1024}]},
+            {"name": "qwen3-vl:4b-instruct", "type": "vlm", "engine": "ollama", "aliases": ["VLM", "VLM_SMALL"],
+             "params": [{"max-frames": 8}, {"max-tokens": 1024}]},
+        ],
+    },
+    "embedding": {"enabled": True, "model": "intfloat/multilingual-e5-small"},
+    "docker": {"docker-network": "vilms-net", "dns": ["8.8.8.8"], "tag": {"gateway": "latest", "engine": "latest"},
+               "image": {"ollama": "dustynv/ollama"}},
+    "model-aliases": {"Embedding": "intfloat/multilingual-e5-small", "LLM_QWEN3": "LLM"},
+}
+
+
+def issues(data) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        build_config(data)
+    return [(i.pointer, i.message) for i in info.value.issues]
+
+
+def test_seed_config_is_valid_and_resolves():
+    router = Router(build_config(SEED_CONFIG))
+    assert router.resolve("LLM_QWEN3").name == "qwen3:4b-instruct"
+    assert router.resolve("Embedding").engine == "local"
+    assert router.resolve("VLM_SMALL").engine == "ollama"
+    assert router.resolve("LLM").base_urls == (f"http://{vllm_service_name('qwen3:4b-instruct')}:8000",)
+    assert router.resolve("nope") is None
+
+
+@pytest.mark.parametrize("serving_engine,platform,model,expected", [
+    ("ollama", "dgpu", {"name": "m", "engine": "vllm"}, "ollama"),          # rule 1 beats everything
+    ("vllm", "js", {"name": "m", "engine": "vllm"}, "ollama"),              # rule 2: Jetson prefers Ollama
+    ("vllm", "dgpu", {"name": "m", "engine": "openai", "base-url": "http://x:1"}, "openai"),  # rule 3
+    ("vllm", "dgpu", {"name": "m", "type": "vlm"}, "ollama"),               # rule 4
+    ("vllm", "dgpu", {"name": "qwen2.5vl:3b"}, "ollama"),                    # rule 5: name heuristic
+    ("vllm", "dgpu", {"name": "qwen3:4b"}, "vllm"),                          # rule 5: default engine
+])
+def test_five_routing_rules_in_priority_order(serving_engine, platform, model, expected):
+    config = build_config({"host": {"platform": platform}, "serving": {"engine": serving_engine, "models": [model]}})
+    assert Router(config).resolve(model["name"]).engine == expected
+
+
+def test_params_accept_seed_list_and_map_forms():
+    a = build_config({"serving": {"models": [{"name": "m", "params": [{"temperature": 0.1}, {"num-ctx": 2048}]}]}})
+    b = build_config({"serving": {"models": [{"name": "m", "params": {"temperature": 0.1, "num-ctx": 2048}}]}})
+    assert dict(a.models[0].params) == dict(b.models[0].params) == {"temperature": 0.1, "num-ctx": 2048}
+
+
+def test_schema_errors_carry_json_pointers():
+    found = issues({"serving": {"engine": "tgi", "models": [{"name": "m", "params": [{"temprature": 1}]},
+                                                             {"type": "llm"}]},
+                    "gateway": {"port": 99999}})
+    pointers = {p for p, _ in found}
+    assert {"/serving/engine", "/serving/models/0/params/0", "/serving/models/1", "/gateway/port"} <= pointers
+
+
+def test_alias_loop_is_an_error():
+    found = issues({"serving": {"models": [{"name": "m"}]}, "model-aliases": {"A": "B", "B": "A"}})
+    assert any("alias loop" in m for _, m in found)
+
+
+def test_conflicting_alias_definitions_are_errors_not_overrides():
+    found = issues({"serving": {"models": [{"name": "m1", "aliases": ["LLM"]}, {"name": "m2", "aliases": ["LLM"]}]}})
+    assert found[0][0] == "/serving/models/1/aliases/0" and "different targets" in found[0][1]
+    found = issues({"serving": {"models": [{"name": "m1", "aliases": ["LLM"]}, {"name": "m2"}]},
+                    "model-aliases": {"LLM": "m2"}})
+    assert any("different targets" in m for _, m in found)
+
+
+def test_alias_to_unknown_model_and_alias_shadowing_a_model():
+    assert any("unknown model 'ghost'" in m for _, m in issues({"serving": {"models": [{"name": "m"}]},
+                                                                 "model-aliases": {"X": "ghost"}}))
+    assert any("same name as a model" in m for _, m in issues({"serving": {"models": [{"name": "m"}, {"name": "n"}]},
+                                                                "model-aliases": {"m": "n"}}))
+
+
+def test_openai_engine_without_url_and_duplicate_models():
+    assert any("no URL" in m for _, m in issues({"serving": {"engine": "vllm", "models": [{"name": "m", "engine": "openai"}]}}))
+    assert any("defined twice" in m for _, m in issues({"serving": {"models": [{"name": "m"}, {"name": "m"}]}}))
+
+
+def test_defaults_come_from_the_schema():
+    filled = with_defaults({"serving": {"models": []}})
+    assert filled["gateway"]["port"] == 8989 and filled["serving"]["engine"] == "ollama"
+    assert filled["media"]["remote-fetch"] is True and filled["embedding"]["enabled"] is False
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vilms", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_vilms_validate_cli(tmp_path: Path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(SEED_CONFIG))
+    result = run_cli("validate", str(good))
+    assert result.returncode == 0 and "valid" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"serving": {"engin": "vllm", "models": [{"name": "m"}]},
+                                   "model-aliases": {"A": "B", "B": "A"}}))
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 1
+    assert "/serving: Additional properties" in result.stderr and "did you mean 'engine'" in result.stderr
+    report = json.loads(run_cli("validate", "--format", "json", str(bad)).stdout)
+    assert report["valid"] is False and report["errors"][0]["pointer"] == "/serving"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("serving: [\n")
+    result = run_cli("validate", str(broken))
+    assert result.returncode == 1 and "not valid YAML (line" in result.stderr
