@@ -28,6 +28,7 @@ class MockBackend:
         self.tokens = tokens
         self.token_delay = token_delay_ms / 1000
         self.stats = {"requests": 0, "streams_completed": 0, "streams_abandoned": 0}
+        self.last_request: dict[str, Any] = {}
         created = int(time.time())
         self.completion = orjson.dumps({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": created, "model": "mock",
@@ -70,6 +71,7 @@ class MockBackend:
             return await self._send(send, 200, JSON, b'{"object":"list","data":[{"id":"mock","object":"model"}],"version":"mock","models":[]}')
         self.stats["requests"] += 1
         request = orjson.loads(body) if body else {}
+        self.last_request = request
         stream = request.get("stream", path == "/api/chat")
         if self.latency:
             await asyncio.sleep(self.latency)

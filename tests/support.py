@@ -16,6 +16,7 @@ import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_FILE = "vilms-tiny-v2.gguf"  # bump when devkit.tiny_model changes
 CACHE = Path(os.environ.get("VILMS_CACHE", ROOT / ".cache"))
 
 
@@ -100,7 +101,7 @@ def subprocess_server(args: list[str], health_path: str, port: int, timeout: flo
 def tiny_gguf() -> Path:
     from devkit.tiny_model import ensure
 
-    return ensure(CACHE / "models" / "vilms-tiny.gguf")
+    return ensure(CACHE / "models" / TINY_MODEL_FILE)
 
 
 @contextlib.contextmanager
