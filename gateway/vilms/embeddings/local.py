@@ -51,7 +51,8 @@ class LocalEmbedder:
 
         started = time.perf_counter()
         self.model = SentenceTransformer(self.source, device=self.device, trust_remote_code=self.trust_remote_code)
-        self.dimension = int(self.model.get_sentence_embedding_dimension())
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimension = int(dimension())
         log.info("embedding model loaded", extra={"fields": {"model": self.name, "device": self.device,
                                                              "dimension": self.dimension,
                                                              "seconds": round(time.perf_counter() - started, 2)}})
