@@ -1,0 +1,101 @@
+"""The one compose template: dgpu / jetson / cpu / vllm-per-model renders, each accepted by `docker compose config`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vilms.compose import render_compose
+from vilms.config import build_config
+from vilms.routing import Router
+
+pytestmark = pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI with compose v2 is set up by `make test`")
+
+BASE = {
+    "serving": {"engine": "vllm", "models": [
+        {"name": "Qwen/Qwen3-4B-Instruct", "path": "/models/qwen3-4b", "aliases": ["LLM"],
+         "params": {"gpu-memory-utilization": 0.45, "max-model-len": 8192, "enforce-eager": True, "temperature": 0.7},
+         "vllm-args": ["--swap-space", "4"]},
+        {"name": "Qwen/Qwen2.5-1.5B-Instruct", "aliases": ["LLM_SMALL"]},
+        {"name": "qwen2.5vl:3b", "type": "vlm", "aliases": ["VLM"]},
+    ]},
+    "embedding": {"enabled": True, "model": "all-MiniLM-L6-v2", "path": "/opt/vilms/models/minilm"},
+    "docker": {"dns": ["1.1.1.1"], "image": {"ollama": "dustynv/ollama"}, "tag": {"engine": "r36.4.0"}},
+}
+
+
+def compose_config(text: str) -> dict:
+    """Parse with the real compose v2 CLI (no daemon needed)."""
+    result = subprocess.run(["docker", "compose", "-f", "-", "config", "--format", "json"], input=text, text=True,
+                            capture_output=True, env={**os.environ, "DOCKER_HOST": "unix:///nonexistent.sock"}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    import json
+    return json.loads(result.stdout)
+
+
+def render(data: dict, **kw) -> dict:
+    return compose_config(render_compose(build_config(data), **kw))
+
+
+def test_dgpu_uses_device_reservations_and_one_vllm_service_per_model():
+    out = render({**BASE, "host": {"platform": "dgpu"}}, gpu=True)
+    services = out["services"]
+    router = Router(build_config(BASE))
+    vllm_names = {u.split("//")[1].split(":")[0] for name in ("LLM", "LLM_SMALL") for u in router.resolve(name).base_urls}
+    assert vllm_names <= set(services)  # the gateway resolves exactly the services compose creates
+    big = services[router.resolve("LLM").base_urls[0].split("//")[1].split(":")[0]]
+    assert big["command"][:4] == ["--model", "/models/qwen3-4b", "--served-model-name", "Qwen/Qwen3-4B-Instruct"]
+    assert "--gpu-memory-utilization" in big["command"] and "--enforce-eager" in big["command"]
+    assert "--temperature" not in big["command"] and big["command"][-2:] == ["--swap-space", "4"]
+    devices = big["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert "runtime" not in big
+    assert not big.get("ports")  # engine ports stay inside the host network
+    gw = services["gateway"]
+    assert set(gw["depends_on"]) == set(services) - {"gateway"}
+    assert all(d["condition"] == "service_healthy" for d in gw["depends_on"].values())
+    assert any(v["target"] == "/etc/vilms/config.yaml" and v["read_only"] for v in gw["volumes"])
+    assert gw["ports"][0]["published"] == "8989"
+    assert services["ollama"]["image"] == "dustynv/ollama:r36.4.0"
+    assert gw["dns"] == ["1.1.1.1"]
+
+
+def test_jetson_uses_nvidia_runtime_not_device_requests():
+    out = render({**BASE, "host": {"platform": "js"}}, gpu=True)
+    services = out["services"]
+    # On Jetson every chat model routes to Ollama (rule 2): no vLLM services at all.
+    assert set(services) == {"ollama", "gateway"}
+    assert services["ollama"]["runtime"] == "nvidia" and "deploy" not in services["ollama"]
+
+
+def test_cpu_profile_has_no_gpu_blocks():
+    out = render({**BASE, "host": {"platform": "dgpu"}}, gpu=False)
+    for svc in out["services"].values():
+        assert "runtime" not in svc and "deploy" not in svc
+
+
+def test_published_engine_ports_bind_loopback_by_default():
+    data = {**BASE, "docker": {**BASE["docker"], "publish-engine-ports": True}}
+    out = render(data, gpu=False)
+    ports = [p for name, s in out["services"].items() if name != "gateway" for p in s.get("ports", [])]
+    assert ports and all(p["host_ip"] == "127.0.0.1" for p in ports)
+
+
+def test_external_urls_render_no_engine_services():
+    data = {"serving": {"engine": "openai", "base-url": "http://llm.example:8000", "models": [{"name": "x"}]}}
+    out = render(data, gpu=False)
+    assert set(out["services"]) == {"gateway"} and "depends_on" not in out["services"]["gateway"]
+
+
+def test_cli_renders_the_same_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "host": {"platform": "dgpu"}}))
+    result = subprocess.run([sys.executable, "-m", "vilms", "compose", "--config", str(config), "--gpu", "yes"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_compose(build_config({**BASE, "host": {"platform": "dgpu"}}), gpu=True)
