@@ -1,0 +1,51 @@
+# vilms developer entry points. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU build of torch for sentence-transformers; CI machines hold this wheel locally. On a laptop add
+# PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu" to avoid the multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PIP_EXTRA ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install system test test-fast lint demo demo-down demo-local bench clean
+
+help:
+	@echo "make demo | demo-down | test | test-fast | lint | bench | clean"
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIP_EXTRA) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(PIP_EXTRA) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Docker CLI/engine, compose v2 plugin, debootstrap, wrk (Debian; needs root).
+system:
+	@if [ "$$(id -u)" = 0 ]; then bash devkit/setup-system.sh; else echo "make system: not root, skipping (compose tests need 'docker compose')"; fi
+
+test: install system
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not molecule" $(PYTEST_ARGS)
+
+lint: install
+	ANSIBLE_ROLES_PATH=roles $(VENV)/bin/ansible-lint --profile production
+
+demo: demo-local
+
+demo-local: install
+	$(PY) -m devkit.demo
+
+demo-down:
+	$(PY) -m devkit.demo down
+
+bench: install system
+	$(PY) -m bench.run
+
+clean: demo-down
+	rm -rf .cache/demo .pytest_cache
