@@ -68,6 +68,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vilms compose: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 1
+    if args.models_json:
+        from .compose import compose_context_models
+
+        print(json.dumps(compose_context_models(config)))
+        return 0
     gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
     text = render_compose(config, platform=args.platform, gpu=gpu, config_path=args.config_mount)
     if args.output and args.output != "-":
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--config-mount", default="./config.yaml", help="host path of config.yaml, as the compose file sees it")
     p.add_argument("-o", "--output", default="-")
+    p.add_argument("--models-json", action="store_true", help="print {engine service: [models]} instead (for the role)")
     p.set_defaults(func=cmd_compose)
 
     args = parser.parse_args(argv)

@@ -6,6 +6,8 @@ Service names come from routing (`vllm_service_name`), so the gateway always fin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -108,7 +110,12 @@ def render_compose(config: Config, platform: str | None = None, gpu: bool | None
         docker=config.docker, gateway=config.gateway, engines=engines, gpu_mode=mode, platform=platform,
         gateway_image=_image(config, "gateway"), gateway_volumes=gateway_volumes, gateway_gpu=gateway_gpu,
         gateway_healthcheck=_http_probe(config.gateway["port"], "/health_check"),
-        config_target=GATEWAY_CONFIG_PATH)
+        config_target=GATEWAY_CONFIG_PATH, config_digest=config_digest(config))
+
+
+def config_digest(config: Config) -> str:
+    """Changes whenever the config does, so compose recreates the gateway (a bind-mounted file is not re-read)."""
+    return hashlib.sha256(json.dumps(config.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def compose_context_models(config: Config) -> dict[str, list[str]]:
