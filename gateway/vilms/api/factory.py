@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from fastapi import FastAPI
+from typing import Any
 
 from ..config import load_config
 from ..observe import setup_logging
 from .app import create_app
 
 
-def app() -> FastAPI:
+def app() -> Any:
     config = load_config()
     setup_logging(os.environ.get("VILMS_LOG_FORMAT") or config.gateway["log-format"], config.gateway["log-level"])
     return create_app(config)

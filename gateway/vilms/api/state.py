@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ..config import Config
 from ..embeddings.local import LocalEmbedder
 from ..engines import Engine, build_engines
 from ..fetch import ImageFetcher
-from ..http import make_client
+from ..http import make_session
 from ..media import ImageLimits
 from ..params import request_defaults
 from ..routing import Route, Router
@@ -35,19 +35,16 @@ class RouteExtras:
 class GatewayState:
     config: Config
     router: Router
-    client: httpx.AsyncClient
-    engines: dict[str, Engine]
     fetcher: ImageFetcher
     embedders: dict[str, LocalEmbedder]
     extras: dict[str, RouteExtras]
     started: int = field(default_factory=lambda: int(time.time()))
+    session: aiohttp.ClientSession | None = None
+    engines: dict[str, Engine] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
         router = Router(config)
-        gw = config.gateway
-        client = make_client(gw)
-        engines = build_engines(client, gw["total-timeout"])
         serving, media, emb = config.serving, config.media, config.embedding
         extras = {}
         for name, route in router.routes.items():
@@ -66,9 +63,12 @@ class GatewayState:
                                                 trust_remote_code=route.spec.trust_remote_code,
                                                 max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"],
                                                 batching=emb["batching"])
-        return cls(config, router, client, engines, ImageFetcher(media), embedders, extras)
+        return cls(config, router, ImageFetcher(media), embedders, extras)
 
     async def start(self) -> None:
+        # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.
+        self.session = make_session(self.config.gateway)
+        self.engines.update(build_engines(self.session, self.config.gateway["total-timeout"]))
         if self.config.embedding["load"] == "eager":
             for embedder in self.embedders.values():
                 try:
@@ -81,7 +81,8 @@ class GatewayState:
         for embedder in self.embedders.values():
             await embedder.aclose()
         await self.fetcher.aclose()
-        await self.client.aclose()
+        if self.session is not None:
+            await self.session.close()
 
     async def readiness(self) -> dict[str, Any]:
         async def probe(engine: str, urls: tuple[str, ...]) -> bool:

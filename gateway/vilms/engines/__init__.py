@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from .base import ChatCall, EmbedResult, Engine
 from .ollama import OllamaEngine
 from .openai_compat import OpenAICompatEngine
 
 
-def build_engines(client: httpx.AsyncClient, total_timeout: float) -> dict[str, Engine]:
+def build_engines(session: aiohttp.ClientSession, total_timeout: float) -> dict[str, Engine]:
     """One adapter per engine kind; each is stateless apart from the shared client."""
     return {
-        "ollama": OllamaEngine(client, total_timeout),
-        "vllm": OpenAICompatEngine(client, total_timeout, kind="vllm"),
-        "openai": OpenAICompatEngine(client, total_timeout, kind="openai"),
+        "ollama": OllamaEngine(session, total_timeout),
+        "vllm": OpenAICompatEngine(session, total_timeout, kind="vllm"),
+        "openai": OpenAICompatEngine(session, total_timeout, kind="openai"),
     }
 
 

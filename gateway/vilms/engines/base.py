@@ -7,15 +7,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import BackendTimeout, BackendUnavailable, GatewayError, from_backend_status
 from ..observe import Observation
 from ..routing import Route
 
+PROBE_TIMEOUT = 2.0
+STREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-JSON_HEADERS = {"content-type": "application/json"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -40,8 +42,8 @@ class Engine(ABC):
 
     kind: str = "?"
 
-    def __init__(self, client: httpx.AsyncClient, total_timeout: float):
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession, total_timeout: float):
+        self.session = session
         self.total_timeout = total_timeout
 
     @abstractmethod
@@ -53,61 +55,60 @@ class Engine(ABC):
     @abstractmethod
     async def ready(self, base_url: str) -> bool: ...
 
-    async def open(self, call_obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> httpx.Response:
-        """POST to the first reachable URL and return the streaming response, status checked.
+    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> aiohttp.ClientResponse:
+        """POST to the first reachable URL and return the unread response, status checked.
 
         Fails over only on connection errors: once a backend has taken the request's bytes
         it is never re-sent elsewhere (it may already be generating).
         """
         last: Exception | None = None
         for base in urls:
-            request = self.client.build_request("POST", base + path, content=payload, headers=JSON_HEADERS)
             try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                response = await self.session.post(base + path, data=payload, headers=JSON_HEADERS)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 last = exc
                 continue
-            except httpx.TimeoutException as exc:
-                call_obs.upstream_error("timeout")
+            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+                obs.upstream_error("timeout")
                 raise BackendTimeout(f"{self.kind} engine did not answer in time") from exc
-            except httpx.HTTPError as exc:
-                call_obs.upstream_error("protocol")
+            except aiohttp.ClientError as exc:
+                obs.upstream_error("protocol")
                 raise GatewayError(f"{self.kind} engine connection failed: {type(exc).__name__}", status=502,
                                    type="upstream_error") from exc
-            if response.status_code >= 400:
-                body = await response.aread()
-                await response.aclose()
-                call_obs.upstream_error("status")
-                raise from_backend_status(response.status_code, body, self.kind)
+            if response.status >= 400:
+                body = await self._read(obs, response)
+                obs.upstream_error("status")
+                raise from_backend_status(response.status, body, self.kind)
             return response
-        call_obs.upstream_error("connect")
+        obs.upstream_error("connect")
         raise BackendUnavailable(f"{self.kind} engine is unreachable ({len(urls)} endpoint(s) tried)",
                                  code="engine_unreachable") from last
 
-    async def read_all(self, obs: Observation, response: httpx.Response) -> bytes:
+    async def _read(self, obs: Observation, response: aiohttp.ClientResponse) -> bytes:
         try:
-            return await response.aread()
-        except httpx.TimeoutException as exc:
+            return await response.read()
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not answer in time") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             obs.upstream_error("protocol")
             raise GatewayError(f"{self.kind} engine broke the connection: {type(exc).__name__}", status=502,
                                type="upstream_error") from exc
         finally:
-            await response.aclose()
+            response.release()
 
     async def post_json(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> bytes:
-        """Non-streaming POST under the total timeout."""
+        """Non-streaming POST under the total timeout; cancelling it closes the upstream connection."""
         try:
             async with asyncio.timeout(self.total_timeout):
                 response = await self.open(obs, urls, path, payload)
-                return await self.read_all(obs, response)
+                return await self._read(obs, response)
         except TimeoutError as exc:
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not finish within {self.total_timeout:g}s") from exc
 
-    async def open_with_deadline(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> httpx.Response:
+    async def open_with_deadline(self, obs: Observation, urls: tuple[str, ...], path: str,
+                                 payload: bytes) -> aiohttp.ClientResponse:
         try:
             async with asyncio.timeout(self.total_timeout):
                 return await self.open(obs, urls, path, payload)
@@ -115,13 +116,20 @@ class Engine(ABC):
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not answer within {self.total_timeout:g}s") from exc
 
+    async def probe(self, url: str) -> bool:
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
 
 def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def stream_failure(kind: str, exc: BaseException) -> GatewayError:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
         return BackendTimeout(f"{kind} engine went silent mid-stream", code="stream_timeout")
     return GatewayError(f"{kind} engine stream broke: {type(exc).__name__}", status=502, type="upstream_error",
                         code="stream_interrupted")

@@ -9,16 +9,14 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-import httpx
+import aiohttp
 import orjson
 from starlette.responses import Response
 
 from ..errors import BackendError, BadRequest, GatewayError
 from ..observe import Observation
 from ..routing import Route
-from .base import ChatCall, EmbedResult, Engine, sse_response, stream_failure
-
-PROBE_TIMEOUT = 2.0
+from .base import STREAM_ERRORS, ChatCall, EmbedResult, Engine, sse_response, stream_failure
 
 # OpenAI request field -> Ollama options key.
 _OPTIONS = {
@@ -164,7 +162,7 @@ class OllamaEngine(Engine):
                              "finish_reason": _finish_reason(line, bool(tools))}],
                 "usage": _usage(line)}
 
-    async def _translate_stream(self, call: ChatCall, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    async def _translate_stream(self, call: ChatCall, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": call.route.name}
 
@@ -172,9 +170,9 @@ class OllamaEngine(Engine):
             return b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                                    "finish_reason": finish}]}) + b"\n\n"
 
-        status, note, buffer, saw_tools, first = 200, "", b"", False, True
+        status, note, buffer, saw_tools, first, complete = 200, "", b"", False, True, False
         try:
-            async for data in upstream.aiter_raw():
+            async for data in upstream.content.iter_any():
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
                 out = []
@@ -206,6 +204,7 @@ class OllamaEngine(Engine):
                 if out:
                     call.obs.chunk()
                     yield b"".join(out)
+            complete = True
         except _StreamError as exc:
             call.obs.upstream_error("stream")
             status, note = 502, "stream_error"
@@ -214,13 +213,16 @@ class OllamaEngine(Engine):
             call.obs.upstream_error("stream")
             status, note = 502, "stream_error"
             yield BackendError("ollama engine sent a line that is not JSON", code="engine_error").sse()
-        except httpx.HTTPError as exc:
+        except STREAM_ERRORS as exc:
             call.obs.upstream_error("stream")
             failure = stream_failure(self.kind, exc)
             status, note = failure.status, "stream_error"
             yield failure.sse()
         finally:
-            await upstream.aclose()
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
             call.obs.finish(status, note)
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
@@ -240,11 +242,7 @@ class OllamaEngine(Engine):
         return EmbedResult(vectors, int(data.get("prompt_eval_count") or 0))
 
     async def ready(self, base_url: str) -> bool:
-        try:
-            response = await self.client.get(base_url + "/api/version", timeout=PROBE_TIMEOUT)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await self.probe(base_url + "/api/version")
 
 
 class _StreamError(Exception):

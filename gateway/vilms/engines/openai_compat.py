@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-import httpx
+import aiohttp
 import orjson
 from starlette.responses import Response
 
 from ..errors import BackendError, GatewayError
 from ..routing import Route
-from .base import ChatCall, EmbedResult, Engine, sse_response, stream_failure
-
-PROBE_TIMEOUT = 2.0
-
+from .base import STREAM_ERRORS, ChatCall, EmbedResult, Engine, sse_response, stream_failure
 
 class OpenAICompatEngine(Engine):
     """Forwards the request body (model renamed, defaults filled) and relays the answer unparsed.
@@ -24,8 +21,8 @@ class OpenAICompatEngine(Engine):
 
     kind = "openai"
 
-    def __init__(self, client: httpx.AsyncClient, total_timeout: float, kind: str = "openai"):
-        super().__init__(client, total_timeout)
+    def __init__(self, session: aiohttp.ClientSession, total_timeout: float, kind: str = "openai"):
+        super().__init__(session, total_timeout)
         self.kind = kind
 
     async def chat(self, call: ChatCall) -> Response:
@@ -38,21 +35,25 @@ class OpenAICompatEngine(Engine):
         upstream = await self.open_with_deadline(call.obs, urls, "/v1/chat/completions", payload)
         return sse_response(self._relay(call, upstream))
 
-    async def _relay(self, call: ChatCall, upstream: httpx.Response) -> AsyncIterator[bytes]:
-        status, note = 200, ""
+    async def _relay(self, call: ChatCall, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        status, note, complete = 200, "", False
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 call.obs.chunk()
                 yield chunk
-        except httpx.HTTPError as exc:
+            complete = True
+        except STREAM_ERRORS as exc:
             call.obs.upstream_error("stream")
             failure = stream_failure(self.kind, exc)
             status, note = failure.status, "stream_error"
             yield failure.sse()
         finally:
             # Runs on normal end, on error, and when the client disconnects (generator cancelled):
-            # closing the upstream response aborts generation on the engine.
-            await upstream.aclose()
+            # closing the upstream connection mid-stream aborts generation on the engine.
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
             call.obs.finish(status, note or ("" if call.obs.first_chunk else "empty_stream"))
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
@@ -75,11 +76,7 @@ class OpenAICompatEngine(Engine):
         return EmbedResult(vectors, tokens)
 
     async def ready(self, base_url: str) -> bool:
-        try:
-            response = await self.client.get(base_url + "/v1/models", timeout=PROBE_TIMEOUT)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await self.probe(base_url + "/v1/models")
 
 
 __all__ = ["OpenAICompatEngine", "GatewayError"]
