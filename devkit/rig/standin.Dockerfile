@@ -1,0 +1,16 @@
+# Engine stand-ins for the rig (README, "Stand-ins"): Ollama's native API and vLLM's OpenAI server,
+# both generating with the real llama.cpp engine on the tiny offline GGUF. Built FROM the rig's Debian image.
+ARG BASE_IMAGE=vilms-rig/debian:bookworm
+FROM ${BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/standin/venv/bin:$PATH PYTHONPATH=/opt/standin
+COPY devkit/rig/context/ /tmp/context/
+RUN python3 -m venv /opt/standin/venv \
+ && pip install --no-index --find-links /tmp/context/wheels llama-cpp-python fastapi uvicorn sse-starlette \
+        starlette-context pydantic-settings orjson \
+ && mv /tmp/context/tiny.gguf /opt/standin/tiny.gguf && rm -rf /tmp/context
+COPY devkit/__init__.py devkit/ollama_standin.py devkit/vllm_standin.py /opt/standin/devkit/
+COPY devkit/rig/standin-entry /usr/local/bin/standin-entry
+COPY devkit/rig/ollama-cli /usr/local/bin/ollama
+RUN chmod 0755 /usr/local/bin/standin-entry /usr/local/bin/ollama
+EXPOSE 11434 8000
+ENTRYPOINT ["standin-entry"]
