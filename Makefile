@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: help install system test test-fast lint demo demo-down demo-local bench clean
 
 help:
-	@echo "make demo | demo-down | test | test-fast | lint | bench | clean"
+	@echo "make demo | demo-down | demo-local | test | test-fast | lint | bench | clean"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,13 +36,17 @@ test-fast: install
 lint: install
 	ANSIBLE_ROLES_PATH=roles $(VENV)/bin/ansible-lint --profile production
 
-demo: demo-local
-
-demo-local: install
-	$(PY) -m devkit.demo
+# A local two-host fleet (dgpu + Jetson) provisioned by site.yml on Docker-in-Docker hosts (needs root).
+demo: install system
+	bash devkit/fleet_demo.sh up
 
 demo-down:
-	$(PY) -m devkit.demo down
+	-bash devkit/fleet_demo.sh down
+	-$(PY) -m devkit.demo down
+
+# Just the gateway on localhost: llama.cpp engine (tiny offline model) + MiniLM embeddings.
+demo-local: install
+	$(PY) -m devkit.demo
 
 bench: install system
 	$(PY) -m bench.run

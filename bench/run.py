@@ -201,6 +201,12 @@ async def _concurrent_embeds(url: str, sentences: list[str]) -> float:
         return time.perf_counter() - started
 
 
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def run_embeddings(args: argparse.Namespace) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
@@ -218,13 +224,13 @@ def run_embeddings(args: argparse.Namespace) -> dict[str, Any]:
             for n in (64, 256):
                 sentences = [f"Sentence {i} about Jetson boards and GPU servers." for i in range(n)]
                 model.encode(sentences[:8])
-                started = time.perf_counter()
-                model.encode(sentences, batch_size=256)
-                direct = time.perf_counter() - started
-                took = asyncio.run(_concurrent_embeds(f"http://127.0.0.1:{port}/v1/embeddings", sentences))
+                direct = min(_timed(lambda: model.encode(sentences, batch_size=256)) for _ in range(3))
+                url = f"http://127.0.0.1:{port}/v1/embeddings"
+                took = min(asyncio.run(_concurrent_embeds(url, sentences)) for _ in range(3))
                 key = f"n{n}"
-                out.setdefault(key, {})["direct_sentences_per_s"] = round(n / direct, 1)
-                out[key][f"gateway_{'batched' if batching else 'unbatched'}_sentences_per_s"] = round(n / took, 1)
+                row = out.setdefault(key, {})
+                row["direct_sentences_per_s"] = max(row.get("direct_sentences_per_s", 0), round(n / direct, 1))
+                row[f"gateway_{'batched' if batching else 'unbatched'}_sentences_per_s"] = round(n / took, 1)
         finally:
             proc.stop()
     for row in out.values():

@@ -1,6 +1,6 @@
 # Engine stand-ins for the rig (README, "Stand-ins"): Ollama's native API and vLLM's OpenAI server,
 # both generating with the real llama.cpp engine on the tiny offline GGUF. Built FROM the rig's Debian image.
-ARG BASE_IMAGE=vilms-rig/debian:bookworm
+ARG BASE_IMAGE=vilms-rig/debian:bookworm-2
 FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/standin/venv/bin:$PATH PYTHONPATH=/opt/standin
 COPY devkit/rig/context/ /tmp/context/
