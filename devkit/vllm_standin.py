@@ -31,7 +31,7 @@ def main() -> None:
     print(f"vllm stand-in: serving {name} (vLLM flags ignored: {' '.join(ignored) or 'none'})", flush=True)
     app = create_app(server_settings=ServerSettings(host=args.host, port=args.port),
                      model_settings=[ModelSettings(model=GGUF, model_alias=name, n_ctx=1024, n_threads=2,
-                                                   embedding=True, kv_overrides={"llama.pooling_type": "int:1"},
+                                                   embedding=True, kv_overrides=["llama.pooling_type=int:1"],
                                                    verbose=False)])
     app.add_api_route("/health", lambda: Response(status_code=200), methods=["GET"])
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -75,3 +75,21 @@ def test_models_lists_models_and_aliases(gw):
     assert by_id["DEFAULT"]["alias_of"] == "tiny-llm"
     listed = client(gw).models.list()
     assert {m.id for m in listed} == set(by_id)
+
+
+def test_vllm_standin_takes_vllms_command_line():
+    """The rig's vLLM stand-in accepts compose's vLLM flags and serves the served-model-name, with /health."""
+    import sys
+
+    from tests.support import free_port, subprocess_server, tiny_gguf
+
+    port = free_port()
+    args = [sys.executable, "-m", "devkit.vllm_standin", "--model", "/models/qwen3-4b", "--served-model-name",
+            "Qwen/Qwen3-4B", "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.45",
+            "--enforce-eager"]
+    with subprocess_server(args, "/health", port, env={"VILMS_STANDIN_GGUF": str(tiny_gguf())}) as url:
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["Qwen/Qwen3-4B"]
+        completion = ChatCompletion.model_validate(httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "model": "Qwen/Qwen3-4B", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}).json())
+        assert completion.choices[0].finish_reason == "length"

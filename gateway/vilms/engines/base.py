@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 from starlette.responses import Response, StreamingResponse
@@ -68,13 +68,8 @@ class Engine(ABC):
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 last = exc
                 continue
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-                obs.upstream_error("timeout")
-                raise BackendTimeout(f"{self.kind} engine did not answer in time") from exc
-            except aiohttp.ClientError as exc:
-                obs.upstream_error("protocol")
-                raise GatewayError(f"{self.kind} engine connection failed: {type(exc).__name__}", status=502,
-                                   type="upstream_error") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._failure(obs, exc) from exc
             if response.status >= 400:
                 body = await self._read(obs, response)
                 obs.upstream_error("status")
@@ -87,15 +82,51 @@ class Engine(ABC):
     async def _read(self, obs: Observation, response: aiohttp.ClientResponse) -> bytes:
         try:
             return await response.read()
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            obs.upstream_error("timeout")
-            raise BackendTimeout(f"{self.kind} engine did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            obs.upstream_error("protocol")
-            raise GatewayError(f"{self.kind} engine broke the connection: {type(exc).__name__}", status=502,
-                               type="upstream_error") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failure(obs, exc) from exc
         finally:
             response.release()
+
+    def _failure(self, obs: Observation, exc: BaseException) -> GatewayError:
+        """An aiohttp failure after the connection was made: 504 when the engine went silent, else 502."""
+        if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+            obs.upstream_error("timeout")
+            return BackendTimeout(f"{self.kind} engine did not answer in time")
+        obs.upstream_error("protocol")
+        return GatewayError(f"{self.kind} engine connection failed: {type(exc).__name__}", status=502,
+                            type="upstream_error")
+
+    async def relay(self, call: ChatCall, upstream: aiohttp.ClientResponse,
+                    translate: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
+        """Relay an engine's stream to the client as its bytes arrive, optionally translated chunk by chunk.
+
+        A translator may raise GatewayError on an engine error line. Any failure mid-stream becomes one SSE
+        error event and the stream closes. The `finally` also runs when the client disconnects (the
+        generator is cancelled): closing the upstream connection mid-stream stops generation on the engine.
+        """
+        status, note, complete = 200, "", False
+        try:
+            async for data in upstream.content.iter_any():
+                out = translate(data) if translate else data
+                if out:
+                    call.obs.chunk()
+                    yield out
+            complete = True
+        except GatewayError as exc:
+            call.obs.upstream_error("stream")
+            status, note = exc.status, "stream_error"
+            yield exc.sse()
+        except STREAM_ERRORS as exc:
+            call.obs.upstream_error("stream")
+            failure = stream_failure(self.kind, exc)
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+            call.obs.finish(status, note or ("" if call.obs.first_chunk else "empty_stream"))
 
     async def post_json(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> bytes:
         """Non-streaming POST under the total timeout; cancelling it closes the upstream connection."""

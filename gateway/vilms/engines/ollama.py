@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
 from ..errors import BackendError, BadRequest, GatewayError
 from ..observe import Observation
 from ..routing import Route
-from .base import STREAM_ERRORS, ChatCall, EmbedResult, Engine, sse_response, stream_failure
+from .base import ChatCall, EmbedResult, Engine, sse_response
 
 # OpenAI request field -> Ollama options key.
 _OPTIONS = {
@@ -140,7 +139,7 @@ class OllamaEngine(Engine):
             call.obs.finish(200)
             return Response(orjson.dumps(answer), media_type="application/json")
         upstream = await self.open_with_deadline(call.obs, urls, "/api/chat", payload)
-        return sse_response(self._translate_stream(call, upstream))
+        return sse_response(self.relay(call, upstream, NdjsonToSse(call)))
 
     def _completion(self, call: ChatCall, raw: bytes) -> dict[str, Any]:
         try:
@@ -162,69 +161,6 @@ class OllamaEngine(Engine):
                              "finish_reason": _finish_reason(line, bool(tools))}],
                 "usage": _usage(line)}
 
-    async def _translate_stream(self, call: ChatCall, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": call.route.name}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                                   "finish_reason": finish}]}) + b"\n\n"
-
-        status, note, buffer, saw_tools, first, complete = 200, "", b"", False, True, False
-        try:
-            async for data in upstream.content.iter_any():
-                buffer += data
-                *lines, buffer = buffer.split(b"\n")
-                out = []
-                for raw in lines:
-                    if not raw.strip():
-                        continue
-                    line = orjson.loads(raw)
-                    if "error" in line:
-                        raise _StreamError(str(line["error"]))
-                    msg = line.get("message") or {}
-                    delta: dict[str, Any] = {}
-                    if first:
-                        delta["role"] = "assistant"
-                        first = False
-                    if msg.get("content"):
-                        delta["content"] = msg["content"]
-                    if msg.get("thinking"):
-                        delta["reasoning_content"] = msg["thinking"]
-                    if msg.get("tool_calls"):
-                        saw_tools = True
-                        delta["tool_calls"] = _tool_calls(msg["tool_calls"], with_index=True)
-                    if delta:
-                        out.append(chunk(delta))
-                    if line.get("done"):
-                        out.append(chunk({}, _finish_reason(line, saw_tools)))
-                        if call.include_usage:
-                            out.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": _usage(line)}) + b"\n\n")
-                        out.append(b"data: [DONE]\n\n")
-                if out:
-                    call.obs.chunk()
-                    yield b"".join(out)
-            complete = True
-        except _StreamError as exc:
-            call.obs.upstream_error("stream")
-            status, note = 502, "stream_error"
-            yield BackendError(f"ollama engine error: {exc}", code="engine_error").sse()
-        except orjson.JSONDecodeError:
-            call.obs.upstream_error("stream")
-            status, note = 502, "stream_error"
-            yield BackendError("ollama engine sent a line that is not JSON", code="engine_error").sse()
-        except STREAM_ERRORS as exc:
-            call.obs.upstream_error("stream")
-            failure = stream_failure(self.kind, exc)
-            status, note = failure.status, "stream_error"
-            yield failure.sse()
-        finally:
-            if complete:
-                upstream.release()
-            else:
-                upstream.close()
-            call.obs.finish(status, note)
-
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
         request: dict[str, Any] = {"model": route.name, "input": inputs}
         if dimensions is not None:
@@ -245,8 +181,54 @@ class OllamaEngine(Engine):
         return await self.probe(base_url + "/api/version")
 
 
-class _StreamError(Exception):
-    pass
+class NdjsonToSse:
+    """Turns Ollama's NDJSON stream into OpenAI chunks, one SSE event per Ollama line (never coalesced)."""
+
+    def __init__(self, call: ChatCall):
+        self.call = call
+        self.buffer = b""
+        self.first = True
+        self.saw_tools = False
+        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": call.route.name}
+
+    def event(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return b"data: " + orjson.dumps({**self.head, "choices": [choice]}) + b"\n\n"
+
+    def __call__(self, data: bytes) -> bytes:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        out = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise BackendError("ollama engine sent a line that is not JSON", code="engine_error") from exc
+            if "error" in line:
+                raise BackendError(f"ollama engine error: {line['error']}", code="engine_error")
+            msg = line.get("message") or {}
+            delta: dict[str, Any] = {}
+            if self.first:
+                delta["role"] = "assistant"
+                self.first = False
+            if msg.get("content"):
+                delta["content"] = msg["content"]
+            if msg.get("thinking"):
+                delta["reasoning_content"] = msg["thinking"]
+            if msg.get("tool_calls"):
+                self.saw_tools = True
+                delta["tool_calls"] = _tool_calls(msg["tool_calls"], with_index=True)
+            if delta:
+                out.append(self.event(delta))
+            if line.get("done"):
+                out.append(self.event({}, _finish_reason(line, self.saw_tools)))
+                if self.call.include_usage:
+                    out.append(b"data: " + orjson.dumps({**self.head, "choices": [], "usage": _usage(line)}) + b"\n\n")
+                out.append(b"data: [DONE]\n\n")
+        return b"".join(out)
 
 
 __all__ = ["OllamaEngine", "GatewayError"]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
 import aiohttp
 import orjson
 from starlette.responses import Response
 
 from ..errors import BackendError, GatewayError
 from ..routing import Route
-from .base import STREAM_ERRORS, ChatCall, EmbedResult, Engine, sse_response, stream_failure
+from .base import ChatCall, EmbedResult, Engine, sse_response
 
 class OpenAICompatEngine(Engine):
     """Forwards the request body (model renamed, defaults filled) and relays the answer unparsed.
@@ -33,28 +31,7 @@ class OpenAICompatEngine(Engine):
             call.obs.finish(200)
             return Response(body, media_type="application/json")
         upstream = await self.open_with_deadline(call.obs, urls, "/v1/chat/completions", payload)
-        return sse_response(self._relay(call, upstream))
-
-    async def _relay(self, call: ChatCall, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        status, note, complete = 200, "", False
-        try:
-            async for chunk in upstream.content.iter_any():
-                call.obs.chunk()
-                yield chunk
-            complete = True
-        except STREAM_ERRORS as exc:
-            call.obs.upstream_error("stream")
-            failure = stream_failure(self.kind, exc)
-            status, note = failure.status, "stream_error"
-            yield failure.sse()
-        finally:
-            # Runs on normal end, on error, and when the client disconnects (generator cancelled):
-            # closing the upstream connection mid-stream aborts generation on the engine.
-            if complete:
-                upstream.release()
-            else:
-                upstream.close()
-            call.obs.finish(status, note or ("" if call.obs.first_chunk else "empty_stream"))
+        return sse_response(self.relay(call, upstream))
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
         from ..observe import Observation
