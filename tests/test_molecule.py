@@ -39,6 +39,7 @@ def rig():
         subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
 
 
+@pytest.mark.timeout(2400)  # cold: the rig builds its images inside the first test's fixture
 @pytest.mark.parametrize("scenario", ["jetson", "dgpu"])
 def test_molecule_scenario(rig, scenario):
     log = ROOT / ".cache" / f"molecule-{scenario}.log"
