@@ -175,3 +175,18 @@ def test_request_id_echoed(fast_backend):
         response = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": "abc123"},
                               json={"model": "LLM", "messages": [{"role": "user", "content": "x"}]})
         assert response.headers["x-request-id"] == "abc123"
+
+
+def test_oversized_body_is_413_and_never_reaches_the_engine(fast_backend):
+    config = openai_config(fast_backend.url, **{"max-request-bytes": 4096})
+    with gateway(config) as gw:
+        big = {"model": "LLM", "messages": [{"role": "user", "content": "x" * 10_000}]}
+        assert assert_envelope(httpx.post(gw.url + "/v1/chat/completions", json=big), 413)["code"] == "request_too_large"
+
+        def chunks():
+            yield b'{"model": "LLM", "messages": [{"role": "user", "content": "'
+            yield b"y" * 10_000
+            yield b'"}]}'
+        streamed = httpx.post(gw.url + "/v1/chat/completions", content=chunks())  # no content-length: chunked
+        assert_envelope(streamed, 413)
+    assert fast_backend.backend.stats["requests"] == 0

@@ -24,7 +24,7 @@ from ..errors import BadRequest, GatewayError, ModelNotFound
 from ..media import has_images, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults
-from .requests import ChatRequest, EmbeddingRequest, parse_json, validated
+from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
 from .state import GatewayState
 
 JSON = "application/json"
@@ -107,6 +107,7 @@ def create_app(config: Config) -> HotPath:
     app = FastAPI(title="vilms gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = state
     router = state.router
+    body_limit = config.gateway["max-request-bytes"]
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -117,6 +118,11 @@ def create_app(config: Config) -> HotPath:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
         return _error(GatewayError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                                    type=kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"fields": {"path": request.url.path}})
+        return _error(GatewayError("internal error in the gateway", status=500, type="server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -163,7 +169,7 @@ def create_app(config: Config) -> HotPath:
         request_id = _request_id(request)
         obs = Observation("chat", request_id)
         try:
-            body = parse_json(await request.body())
+            body = parse_json(await read_body(request, body_limit))
             parsed = validated(ChatRequest, body)
             route = router.resolve(parsed.model)
             if route is None:
@@ -195,7 +201,7 @@ def create_app(config: Config) -> HotPath:
         request_id = _request_id(request)
         obs = Observation("embeddings", request_id)
         try:
-            parsed = validated(EmbeddingRequest, parse_json(await request.body()))
+            parsed = validated(EmbeddingRequest, parse_json(await read_body(request, body_limit)))
             route = router.resolve(parsed.model)
             if route is None:
                 names = router.names("embedding")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import BadRequest
+from ..errors import BadRequest, GatewayError
 
 
 class _Part(BaseModel):
@@ -46,6 +46,20 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes before holding it all in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(f"request body is larger than {limit} bytes", status=413, code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(f"request body is larger than {limit} bytes", status=413, code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
