@@ -166,7 +166,7 @@ def ssrf_targets(port: int, allowed_base: str) -> list[str]:
         f"http://2130706433:{port}/img.jpg",                # 127.0.0.1 as a decimal
         f"http://0x7f000001:{port}/img.jpg",                # 127.0.0.1 in hex
         f"http://[::ffff:127.0.0.1]:{port}/img.jpg",        # IPv4-mapped IPv6
-        f"http://[::ffff:a9fe:a9fe]/",                      # 169.254.169.254, mapped
+        "http://[::ffff:a9fe:a9fe]/",                      # 169.254.169.254, mapped
         "http://0.0.0.0/",
         "http://224.0.0.1/",
         f"{allowed_base}/redirect?to=http://169.254.169.254/latest/meta-data/",
