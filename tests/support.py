@@ -98,6 +98,17 @@ def subprocess_server(args: list[str], health_path: str, port: int, timeout: flo
             proc.kill()
 
 
+@contextlib.contextmanager
+def mock_backend(**settings: Any) -> Iterator[ThreadedServer]:
+    """devkit's mock engine on a loopback port; its counters and last request at `.backend`."""
+    from devkit.mock_backend import MockBackend
+
+    backend = MockBackend(**settings)
+    with ThreadedServer(backend) as server:
+        server.backend = backend
+        yield server
+
+
 def tiny_gguf() -> Path:
     from devkit.tiny_model import ensure
 

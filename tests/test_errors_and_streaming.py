@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from devkit.mock_backend import MockBackend
-from tests.support import ThreadedServer, free_port, gateway
+from tests.support import ThreadedServer, free_port, gateway, mock_backend
 
 
 def openai_config(*urls: str, **gateway_settings) -> dict:
@@ -27,17 +27,13 @@ def assert_envelope(response: httpx.Response, status: int) -> dict:
 
 @pytest.fixture()
 def slow_backend():
-    backend = MockBackend(latency_ms=0, tokens=6, token_delay_ms=80)
-    with ThreadedServer(backend) as server:
-        server.backend = backend
+    with mock_backend(tokens=6, token_delay_ms=80) as server:
         yield server
 
 
 @pytest.fixture()
 def fast_backend():
-    backend = MockBackend(tokens=4)
-    with ThreadedServer(backend) as server:
-        server.backend = backend
+    with mock_backend(tokens=4) as server:
         yield server
 
 

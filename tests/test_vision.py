@@ -14,8 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from devkit.mock_backend import MockBackend
-from tests.support import ThreadedServer, gateway
+from tests.support import ThreadedServer, gateway, mock_backend
 
 COLORS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "white", "black", "gray"]
 
@@ -52,9 +51,7 @@ def image_server():
 
 @pytest.fixture()
 def backend():
-    mock = MockBackend(tokens=2)
-    with ThreadedServer(mock) as server:
-        server.mock = mock
+    with mock_backend(tokens=2) as server:
         yield server
 
 
@@ -81,7 +78,7 @@ def test_frames_evenly_sampled_in_order_with_text_in_place(backend):
     parts += [{"type": "text", "text": "after"}]
     with gateway(vlm_config(backend.url)) as gw:
         assert chat(gw, "VLM", parts).status_code == 200
-    sent = backend.mock.last_request["messages"][0]["content"]
+    sent = backend.backend.last_request["messages"][0]["content"]
     assert [p["type"] for p in sent] == ["text"] + ["image_url"] * 4 + ["text"]
     assert sent[0]["text"] == "before" and sent[-1]["text"] == "after"
     kept = [decode(p["image_url"]["url"]).getpixel((0, 0)) for p in sent[1:-1]]
@@ -95,7 +92,7 @@ def test_large_images_downscaled_small_ones_pass_through_untouched(backend):
     with gateway(vlm_config(backend.url)) as gw:
         assert chat(gw, "VLM", [{"type": "image_url", "image_url": data_url(small)},  # bare-string form
                                 {"type": "image_url", "image_url": {"url": data_url(large), "detail": "low"}}]).status_code == 200
-    sent = backend.mock.last_request["messages"][0]["content"]
+    sent = backend.backend.last_request["messages"][0]["content"]
     assert base64.b64decode(sent[0]["image_url"]["url"].partition(",")[2]) == small
     resized = decode(sent[1]["image_url"]["url"])
     assert resized.size == (512, 256) and resized.format == "JPEG"
@@ -110,7 +107,7 @@ def test_undecodable_image_is_400_naming_the_part(backend):
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "messages[0].content[1]"
     assert "not a decodable image" in error["message"]
-    assert backend.mock.stats["requests"] == 0
+    assert backend.backend.stats["requests"] == 0
 
 
 def test_ollama_gets_base64_images_sampled(backend, ollama_standin):
@@ -144,7 +141,7 @@ def test_vision_request_through_llama_cpp_engine(llama_url, image_server):
 def test_allow_listed_host_is_fetched(backend, image_server):
     with gateway(vlm_config(backend.url, **{"allow-hosts": ["127.0.0.1"]})) as gw:
         assert chat(gw, "VLM", [{"type": "image_url", "image_url": {"url": image_server.url + "/img.jpg"}}]).status_code == 200
-    sent = backend.mock.last_request["messages"][0]["content"][0]["image_url"]["url"]
+    sent = backend.backend.last_request["messages"][0]["content"][0]["image_url"]["url"]
     assert decode(sent).getpixel((0, 0))[1] > 100  # the green image, as fetched
 
 
@@ -184,4 +181,4 @@ def test_ssrf_table_every_case_refused_without_leaking_addresses(backend, image_
             assert response.status_code == 400, (url, response.text)
             message = response.json()["error"]["message"]
             assert "127.0.0.1" not in message and "169.254" not in message, message
-    assert backend.mock.stats["requests"] == 0
+    assert backend.backend.stats["requests"] == 0
