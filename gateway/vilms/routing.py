@@ -20,7 +20,6 @@ from .schema import ConfigIssue
 
 OLLAMA_DEFAULT_URL = "http://ollama:11434"
 VLLM_PORT = 8000
-OPENAI_KINDS = ("vllm", "openai")
 
 
 def vllm_service_name(model_name: str) -> str:

@@ -7,6 +7,7 @@ import orjson
 from starlette.responses import Response
 
 from ..errors import BackendError, GatewayError
+from ..observe import Observation
 from ..routing import Route
 from .base import ChatCall, EmbedResult, Engine, sse_response
 
@@ -34,8 +35,6 @@ class OpenAICompatEngine(Engine):
         return sse_response(self.relay(call, upstream))
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
-        from ..observe import Observation
-
         request: dict = {"model": route.name, "input": inputs, "encoding_format": "float"}
         if dimensions is not None:
             request["dimensions"] = dimensions
