@@ -171,6 +171,13 @@ class Router:
         return groups
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class EngineService:
     """One engine container the stack runs. Compose renders it and the gateway reaches it at `url`.
@@ -319,6 +326,11 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",
                                   "name the embedding model (or set enabled: false)"))
+    docker = config.docker
+    if docker["publish-engine-ports"] and not _loopback(docker["engine-bind"]) and stack_services(config):
+        issues.append(ConfigIssue("/docker/engine-bind",
+                                  f"engine ports are published on {docker['engine-bind']}: engines have no authentication",
+                                  "keep engine-bind on 127.0.0.1 and reach models through the gateway", severity="warning"))
     if config.serving["engine"] == "vllm" and config.serving.get("base-url") and not config.serving.get("vllm-base-url"):
         issues.append(ConfigIssue("/serving/base-url",
                                   "serving.base-url is not used for vllm models: each gets its own service",
