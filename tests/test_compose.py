@@ -110,7 +110,7 @@ def test_security_defaults_on_every_service():
         assert svc["security_opt"] == ["no-new-privileges:true"], name
         assert "cap_add" not in svc and "privileged" not in svc, name
     gw = services["gateway"]
-    assert gw["read_only"] is True and gw["pids_limit"] == 1024 and gw["mem_limit"] == str(2 * 1024 ** 3)
+    assert gw["read_only"] is True and gw["pids_limit"] == 4096 and gw["mem_limit"] == str(2 * 1024 ** 3)
     assert services["ollama"]["pids_limit"] == 4096 and "mem_limit" not in services["ollama"]
     for name in ("vllm-qwen-qwen3-4b-instruct", "vllm-qwen-qwen2-5-1-5b-instruct"):
         assert "ipc" not in services[name] and services[name]["shm_size"] == str(8 * 1024 ** 3)
