@@ -110,7 +110,8 @@ def _deploy_issues(config: Config) -> list[ConfigIssue]:
         from .security import exposure_issues  # type: ignore[attr-defined]  # provided by the API-keys work (C2)
     except ImportError:
         return []
-    return [i for i in exposure_issues(config) if i.severity == "error"]
+    # Compose publishes the gateway on docker.gateway-bind; inside the container it listens on every interface.
+    return [i for i in exposure_issues(config, bind=config.docker["gateway-bind"]) if i.severity == "error"]
 
 
 def _gateway_url(bind: str, port: int) -> str:
