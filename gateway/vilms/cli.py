@@ -109,16 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-json", action="store_true", help="print {engine service: [models]} instead (for the role)")
     p.set_defaults(func=cmd_compose)
 
-    from .render import cmd_render  # PROVISIONAL (h9r)
-
-    p = sub.add_parser("render", help="PROVISIONAL: validate once, write config.yaml, docker-compose.yaml, plan.json")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto")
-    p.add_argument("--engine-tag", default=None)
-    p.add_argument("--format", choices=["text", "json"], default="text")
-    p.set_defaults(func=cmd_render)
-
     args = parser.parse_args(argv)
     return args.func(args)
 
