@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from . import weights
 from .config import Config
 from .params import vllm_cli_args
 from .routing import OLLAMA_DEFAULT_URL, VLLM_PORT, Router, vllm_service_name
@@ -51,7 +52,17 @@ def _image(config: Config, kind: str) -> str:
     docker = config.docker
     repo = docker["image"][kind]
     tag = docker["tag"].get({"ollama": "engine", "vllm": "vllm", "gateway": "gateway"}[kind]) or "latest"
+    if kind == "gateway" and gateway_variant(config) == "embeddings" and not tag.endswith("-emb"):
+        tag += "-emb"  # the image with sentence-transformers (gateway/Dockerfile, VARIANT=embeddings)
     return repo if ":" in repo.rsplit("/", 1)[-1] or "@" in repo else f"{repo}:{tag}"
+
+
+def gateway_variant(config: Config) -> str:
+    """'embeddings' when the gateway itself must run a model (local embedding/reranker), else 'slim'."""
+    chosen = config.docker.get("gateway-variant", "auto")
+    if chosen != "auto":
+        return chosen
+    return "embeddings" if any(r.engine == "local" for r in Router(config).routes.values()) else "slim"
 
 
 def _http_probe(port: int, path: str) -> list[str]:
@@ -73,16 +84,21 @@ def engine_services(config: Config) -> list[EngineService]:
             environment={"OLLAMA_HOST": "0.0.0.0:11434", "OLLAMA_KEEP_ALIVE": "30m"},
             healthcheck=["CMD", "ollama", "list"], host_port=11434))
     next_port = VLLM_PORT
+    shipped = weights.by_model(config)
     for route in router.routes.values():
         if route.engine != "vllm" or route.base_urls != (f"http://{vllm_service_name(route.name)}:{VLLM_PORT}",):
             continue
         spec = route.spec
-        command = ["--model", spec.path or spec.name, "--served-model-name", spec.name,
+        volumes, environment, model = [f"{docker['models-dir']}:/models:ro"], {"HF_HOME": "/models/.hf"}, spec.path
+        if (shipped_w := shipped.get(spec.name)) is not None:  # shipped by the role: a local path, no hub at run time
+            volumes, environment, model = ([f"{shipped_w.host_dir}:{shipped_w.container_path}:ro"],
+                                           {"HF_HUB_OFFLINE": "1"}, shipped_w.container_path)
+        command = ["--model", model or spec.name, "--served-model-name", spec.name,
                    "--host", "0.0.0.0", "--port", str(VLLM_PORT), *vllm_cli_args(spec.params), *spec.vllm_args]
         services.append(EngineService(
             name=vllm_service_name(spec.name), kind="vllm", image=_image(config, "vllm"), port=VLLM_PORT,
-            command=command, models=[spec.name], volumes=[f"{docker['models-dir']}:/models:ro"],
-            environment={"HF_HOME": "/models/.hf"}, healthcheck=_http_probe(VLLM_PORT, "/health"),
+            command=command, models=[spec.name], volumes=volumes,
+            environment=environment, healthcheck=_http_probe(VLLM_PORT, "/health"),
             host_port=next_port))
         next_port += 1
     return services
@@ -99,8 +115,11 @@ def render_compose(config: Config, platform: str | None = None, gpu: bool | None
     emb = config.embedding
     local_embeddings = [r.spec for r in Router(config).routes.values() if r.engine == "local"]
     gateway_volumes = [f"{config_path}:{GATEWAY_CONFIG_PATH}:ro"]
+    shipped = weights.by_model(config)
     for spec in local_embeddings:
-        if spec.path and spec.path.startswith("/"):
+        if (w := shipped.get(spec.name)) is not None:
+            gateway_volumes.append(f"{w.host_dir}:{w.container_path}:ro")
+        elif spec.path and spec.path.startswith("/"):
             gateway_volumes.append(f"{spec.path}:{spec.path}:ro")
     gateway_gpu = mode != "none" and bool(local_embeddings) and str(emb.get("device", "cpu")).startswith("cuda")
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), undefined=StrictUndefined, trim_blocks=True,
@@ -108,6 +127,7 @@ def render_compose(config: Config, platform: str | None = None, gpu: bool | None
     return env.get_template(TEMPLATE_NAME).render(
         docker=config.docker, gateway=config.gateway, engines=engines, gpu_mode=mode, platform=platform,
         gateway_image=_image(config, "gateway"), gateway_volumes=gateway_volumes, gateway_gpu=gateway_gpu,
+        gateway_models_dir=weights.CONTAINER_ROOT if any(s.name in shipped for s in local_embeddings) else "",
         gateway_healthcheck=_http_probe(config.gateway["port"], "/health_check"),
         config_target=GATEWAY_CONFIG_PATH, config_digest=config_digest(config))
 
