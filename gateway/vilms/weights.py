@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import Config, ModelSpec
-from .routing import VLLM_PORT, Router, vllm_service_name
+from .routing import GATEWAY_SERVICE, Router, stack_services
 
 CONTAINER_ROOT = "/models"
 MODELS_DIR_ENV = "VILMS_MODELS_DIR"  # set by compose in the gateway: where shipped embedding weights are mounted
@@ -99,11 +99,12 @@ def _raw_entry(config: Config, spec: ModelSpec) -> dict[str, Any]:
 
 def _shipped_routes(config: Config) -> Iterable[tuple[ModelSpec, str]]:
     """(spec, service) for every model whose files live on the host: compose-run vLLM and in-gateway embeddings."""
+    for svc in stack_services(config):
+        if svc.kind == "vllm" and svc.spec is not None:
+            yield svc.spec, svc.name
     for route in Router(config).routes.values():
-        if route.engine == "vllm" and route.base_urls == (f"http://{vllm_service_name(route.name)}:{VLLM_PORT}",):
-            yield route.spec, vllm_service_name(route.name)
-        elif route.engine == "local":
-            yield route.spec, "gateway"
+        if route.engine == "local":
+            yield route.spec, GATEWAY_SERVICE
 
 
 def spec_for(config: Config, spec: ModelSpec, service: str) -> WeightSpec | None:
