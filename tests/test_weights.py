@@ -240,3 +240,27 @@ def test_host_without_space_fails_in_preflight_before_anything_changes(hub, tmp_
         assert list(small.iterdir()) == []  # nothing created on the host
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.mark.ansible
+def test_prune_removes_only_shipped_weights_no_kept_release_references(tmp_path):
+    stack = tmp_path / "h12-p1" / "opt" / "vilms"
+    models = stack / "models"
+    for slug in ("kept-by-old-release", "current", "orphan"):
+        (models / slug).mkdir(parents=True)
+        (models / slug / "model.safetensors").write_bytes(b"x")
+        (models / slug / weights.MANIFEST_NAME).write_text("{}")
+    (models / "operator-provided").mkdir()  # no marker: vilms did not ship it, never touched
+    for release, slug in (("aaa111", "current"), ("bbb222", "kept-by-old-release")):
+        (stack / "releases" / release).mkdir(parents=True)
+        (stack / "releases" / release / "plan.json").write_text(json.dumps({"weights": [{"slug": slug}]}))
+    inventory = {"all": {"hosts": {"h12-p1": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                                              "vilms_stack_dir": str(stack), "vilms_config": vllm_config()}}}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{BIN}:{os.environ['PATH']}", "ANSIBLE_LOCALHOST_WARNING": "0"}
+    result = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "hosts.yml"),
+                             str(ROOT / "tests" / "weights" / "prune.yml")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert sorted(p.name for p in models.iterdir()) == ["current", "kept-by-old-release", "operator-provided"]

@@ -317,14 +317,24 @@ def _stage(staged: Path, root: Path, files: list[FileEntry]) -> Path:
     return staged
 
 
-def fetch_all(config: Config, cache: str | os.PathLike[str], *, token: str | None = None,
-              endpoint: str | None = None) -> list[Fetched]:
+def from_plan(entries: Iterable[dict[str, Any]]) -> list[WeightSpec]:
+    """WeightSpecs back from plan.json's "weights" (what `vilms render` wrote)."""
+    return [WeightSpec(**{**e, "allow_patterns": tuple(e.get("allow_patterns") or ())}) for e in entries]
+
+
+def fetch_specs(specs: Iterable[WeightSpec], cache: str | os.PathLike[str], *, token: str | None = None,
+                endpoint: str | None = None) -> list[Fetched]:
     """Each distinct source once (two models may share weights)."""
     done: dict[str, Fetched] = {}
     result = []
-    for spec in weights_for(config):
+    for spec in specs:
         if spec.slug not in done:
             done[spec.slug] = fetch(spec, cache, token=token, endpoint=endpoint)
         first = done[spec.slug]
         result.append(Fetched(spec=spec, commit=first.commit, staged=first.staged, files=first.files))
     return result
+
+
+def fetch_all(config: Config, cache: str | os.PathLike[str], *, token: str | None = None,
+              endpoint: str | None = None) -> list[Fetched]:
+    return fetch_specs(weights_for(config), cache, token=token, endpoint=endpoint)
