@@ -49,6 +49,7 @@ def base_image() -> str:
 
 @pytest.fixture(scope="module")
 def rig():
+    running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
     subprocess.run(["bash", str(RIG), "daemon-up"], check=True, env=env(), timeout=120)
     try:
         if os.environ.get("VILMS_EXAMPLE_PREBUILT") != "1":
@@ -56,7 +57,8 @@ def rig():
         subprocess.run(["bash", str(RIG), "base-image"], check=True, env=env(), timeout=600)
         yield
     finally:
-        subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
+        if not running:  # stop only a daemon this fixture started
+            subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
 
 
 @pytest.fixture()
@@ -105,7 +107,7 @@ def copy_example(tmp: Path, hub_url: str) -> Path:
         "vilms_stack_image_source": "archive",
         "vilms_stack_image_archives": [{"image": GATEWAY, "src": GATEWAY_ARCHIVE},
                                        {"image": "vilms-rig/engines:standin", "src": str(CACHE / "images" / "engines.tar")}],
-        "vilms_stack_health_delay": 2,
+        "vilms_stack_gate_delay": 2,
         "vilms_stack_hf_endpoint": hub_url,
         "vilms_stack_weights_cache": str(tmp / "weights-cache")}))
     return site / "hosts.yml"
@@ -135,7 +137,8 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
         result = playbook(inventory, ROOT / "site.yml", log)
         text = log.read_text()
         assert result.returncode == 0, f"site.yml on the example inventory failed; last lines of {log}:\n{text[-8000:]}"
-        assert "Deploy | Health gate (engines ready)" in text and "Smoke | One chat call per alias" in text
+        assert "Gate | One short chat completion per chat model" in text and "Gate | One embedding per" in text
+        assert "Weights | Verify size and sha256 of every file on the host" in text
         downloads = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
         assert len(downloads) == len(set(downloads)) and downloads  # each file fetched once
 
