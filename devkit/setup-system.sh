@@ -2,7 +2,7 @@
 # System pieces the test suite and the local rig need on a Debian 12 machine (run as root):
 #   - a docker CLI + engine (Debian's docker.io) and the compose v2 plugin (Debian trixie's single .deb:
 #     bookworm has no compose v2; trixie is used for that one download only, never added to the system)
-#   - debootstrap (base images for the rig, since no registry is reachable) and wrk (benchmarks)
+#   - debootstrap (base images for the rig, since no registry is reachable), wrk (benchmarks), rsync (weights)
 # Idempotent: a second run installs nothing.
 set -euo pipefail
 
@@ -11,6 +11,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)  # ships model weights to hosts (vilms_stack weights)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup-system: installing ${need[*]}"
   apt-get update -qq

@@ -90,12 +90,12 @@ def test_seed_docker_registry_and_project_take_effect(tmp_path):
     compose = compose_config(out / "docker-compose.yaml")
     assert compose["name"] == "vilms-seed"
     assert compose["services"]["vilms-ollama"]["image"] == "registry.example.com:5000/dustynv/ollama:r36.4.0"
-    assert compose["services"]["gateway"]["image"] == "registry.example.com:5000/vilms/gateway:0.1.0"
+    assert compose["services"]["gateway"]["image"] == "registry.example.com:5000/vilms/gateway:0.1.0-emb"  # local e5-small: the embeddings image (h12)
     assert compose["networks"]["vilms"]["name"] == "vilms-net" and compose["networks"]["vilms"]["external"] is True
     plan = json.loads((out / "plan.json").read_text())
     assert plan["project"] == "vilms-seed"
     assert plan["images"] == ["registry.example.com:5000/dustynv/ollama:r36.4.0",
-                              "registry.example.com:5000/vilms/gateway:0.1.0"]
+                              "registry.example.com:5000/vilms/gateway:0.1.0-emb"]
     effective = yaml.safe_load((out / "config.yaml").read_text())["docker"]
     assert effective["registry"] == "registry.example.com:5000" and "docker-registry" not in effective
     assert effective["project-name"] == "vilms-seed" and "docker-project" not in effective
@@ -127,9 +127,9 @@ def test_plan_json_shape(tmp_path):
              "models": ["Qwen/Qwen3-4B-Instruct"], "host_port": None},
             {"name": "ollama", "kind": "ollama", "image": "ollama/ollama:0.6.8", "port": 11434,
              "models": ["qwen2.5vl:3b"], "host_port": None},
-            {"name": "gateway", "kind": "gateway", "image": "vilms/gateway:latest", "port": 8989,
+            {"name": "gateway", "kind": "gateway", "image": "vilms/gateway:latest-emb", "port": 8989,
              "models": ["all-MiniLM-L6-v2"], "host_port": 8989}],
-        "images": ["vllm/vllm-openai:v0.9.2", "ollama/ollama:0.6.8", "vilms/gateway:latest"],
+        "images": ["vllm/vllm-openai:v0.9.2", "ollama/ollama:0.6.8", "vilms/gateway:latest-emb"],
         "ollama_pulls": [{"service": "ollama", "models": ["qwen2.5vl:3b"]}],
         "gate": {"chat": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b"], "embedding": ["all-MiniLM-L6-v2"],
                  "models": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b", "all-MiniLM-L6-v2", "LLM", "VLM"]},

@@ -31,7 +31,7 @@ RIG = ROOT / "devkit" / "rig" / "rig.sh"
 PREFIX = os.environ.get("VILMS_TEST_PREFIX", "vilmstest")
 GATEWAY_IMAGE = f"{PREFIX}/gateway:seed-stack"
 ENGINE_IMAGE = "vilms-rig/engines:standin"
-BASE_IMAGE = "vilms-rig/debian:bookworm-2"
+BASE_IMAGE = "vilms-rig/debian:bookworm-3"
 
 
 def docker_ok() -> bool:

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cache="${VILMS_RIG_CACHE:-$root/.cache/rig}"
 state=/var/run/vilms-rig
-base_image=vilms-rig/debian:bookworm-2  # bump when the include list changes
+base_image=vilms-rig/debian:bookworm-3  # bump when the include list changes
 mkdir -p "$cache" "$state"
 
 daemon_up() {
@@ -34,11 +34,11 @@ daemon_down() {
 
 base_image() {
   if docker image inspect "$base_image" >/dev/null 2>&1; then return; fi
-  tarball="$cache/debian-bookworm-rootfs-2.tar"
+  tarball="$cache/debian-bookworm-rootfs-3.tar"
   if [ ! -s "$tarball" ]; then
     echo "rig: debootstrap bookworm (about 80 s, once)"
     rootfs=$(mktemp -d)
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,procps,iproute2,libgomp1 \
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,procps,iproute2,libgomp1,rsync \
       bookworm "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"

@@ -1,7 +1,7 @@
 # Engine stand-ins for the rig (README, "Stand-ins"): Ollama's native API and vLLM's OpenAI server,
 # both generating with the real llama.cpp engine on the tiny offline GGUF. Built FROM the rig's Debian image,
 # offline, from wheels rig.sh downloaded into devkit/rig/context/wheels.
-ARG BASE_IMAGE=vilms-rig/debian:bookworm-2
+ARG BASE_IMAGE=vilms-rig/debian:bookworm-3
 
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -108,6 +108,57 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """`vilms weights list|fetch|verify`: the controller side of shipping model weights (vilms.weights)."""
+    from . import weights
+
+    if args.weights_command == "verify":
+        problems = weights.verify(args.dir, weights.read_manifest(args.manifest))
+        for line in problems:
+            print(f"{args.dir}: {line}", file=sys.stderr)
+        print(json.dumps({"ok": not problems, "problems": problems}))
+        return 1 if problems else 0
+    if getattr(args, "plan", None):
+        with open(args.plan, encoding="utf-8") as fh:
+            specs = weights.from_plan(json.load(fh).get("weights") or [])
+    else:
+        try:
+            config = build_config(read_yaml(args.config), source=args.config)
+        except ConfigError as exc:
+            print(f"vilms weights: invalid config {args.config}:\n{exc}", file=sys.stderr)
+            return 1
+        specs = weights.weights_for(config)
+    if args.weights_command == "list":
+        print(json.dumps({"weights": [w.as_dict() for w in specs]}, indent=1))
+        return 0
+    token = os.environ.get(args.token_env) or None
+    try:
+        fetched = weights.fetch_specs(specs, args.cache, token=token, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except weights.WeightsError as exc:
+        print(json.dumps({"error": str(exc)}))
+        print(f"vilms weights fetch: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"weights": [f.as_dict() for f in fetched]}))
+    return 0
+
+
+def _weights_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="model weights the plan ships: list, fetch into the controller cache, verify")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    for name, text in (("list", "every model whose weights vilms ships (source, host dir, container path)"),
+                       ("fetch", "fetch each source once into the cache; print the manifests as JSON")):
+        w = wsub.add_parser(name, help=text)
+        source = w.add_mutually_exclusive_group(required=True)
+        source.add_argument("--config", help="a config.yaml")
+        source.add_argument("--plan", help="a plan.json written by `vilms render` (its \"weights\")")
+    w.add_argument("--cache", default=os.path.expanduser("~/.cache/vilms/weights"))
+    w.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a hub token (gated repos)")
+    w = wsub.add_parser("verify", help="check a directory against a manifest (size + sha256 of every file)")
+    w.add_argument("dir")
+    w.add_argument("--manifest", required=True, help="JSON: {files: [{path, size, sha256}]} or that list")
+    p.set_defaults(func=cmd_weights)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vilms", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="-")
     p.add_argument("--models-json", action="store_true", help="print {engine service: [models]} instead (for the role)")
     p.set_defaults(func=cmd_compose)
+
+    _weights_parser(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from . import weights
 from .config import Config
 from .params import vllm_cli_args
 from .routing import GATEWAY_SERVICE, EngineService, Router, stack_services
@@ -52,6 +53,7 @@ class GatewayService:
     models: list[str]
     volumes: list[str]
     gpu: bool
+    models_dir: str = ""  # where shipped embedding weights are mounted (VILMS_MODELS_DIR), "" = none
 
 
 def gpu_mode(platform: str, gpu: bool | None) -> str:
@@ -87,7 +89,17 @@ def image_ref(config: Config, kind: str) -> str:
     if ":" in repo.rsplit("/", 1)[-1] or "@" in repo:
         return repo
     tag = docker["tag"].get({"ollama": "engine", "vllm": "vllm", "gateway": "gateway"}[kind]) or "latest"
+    if kind == "gateway" and gateway_variant(config) == "embeddings" and not tag.endswith("-emb"):
+        tag += "-emb"  # the image with sentence-transformers (gateway/Dockerfile, VARIANT=embeddings)
     return f"{repo}:{tag}"
+
+
+def gateway_variant(config: Config) -> str:
+    """'embeddings' when the gateway itself must run a model (local embedding/reranker), else 'slim'."""
+    chosen = config.docker.get("gateway-variant", "auto")
+    if chosen != "auto":
+        return chosen
+    return "embeddings" if any(r.engine == "local" for r in Router(config).routes.values()) else "slim"
 
 
 def _http_probe(port: int, path: str) -> list[str]:
@@ -106,11 +118,15 @@ def _compose_service(config: Config, svc: EngineService, host_port: int) -> Comp
             healthcheck=["CMD", "ollama", "list"], host_port=host_port)
     spec = svc.spec
     assert spec is not None, "a vLLM service always carries its model"
-    command = ["--model", spec.path or spec.name, "--served-model-name", spec.name,
+    volumes, environment, model = [f"{docker['models-dir']}:/models:ro"], {"HF_HOME": "/models/.hf"}, spec.path
+    if (shipped := weights.by_model(config).get(spec.name)) is not None:  # the role ships them: no hub at run time
+        volumes, environment, model = ([f"{shipped.host_dir}:{shipped.container_path}:ro"], {"HF_HUB_OFFLINE": "1"},
+                                       shipped.container_path)
+    command = ["--model", model or spec.name, "--served-model-name", spec.name,
                "--host", "0.0.0.0", "--port", str(svc.port), *vllm_cli_args(spec.params), *spec.vllm_args]
     return ComposeService(
         name=svc.name, kind="vllm", image=image_ref(config, "vllm"), port=svc.port, models=[spec.name],
-        command=command, volumes=[f"{docker['models-dir']}:/models:ro"], environment={"HF_HOME": "/models/.hf"},
+        command=command, volumes=volumes, environment=environment,
         healthcheck=_http_probe(svc.port, "/health"), host_port=host_port)
 
 
@@ -130,12 +146,16 @@ def gateway_service(config: Config, mode: str, config_path: str = "./config.yaml
     volumes = [f"{config_path}:{GATEWAY_CONFIG_PATH}:ro"]
     if keys_path:
         volumes.append(f"{keys_path}:{GATEWAY_KEYS_PATH}:ro")
+    shipped = weights.by_model(config)
     for spec in local:
-        if spec.path and spec.path.startswith("/"):
+        if (w := shipped.get(spec.name)) is not None:
+            volumes.append(f"{w.host_dir}:{w.container_path}:ro")
+        elif spec.path and spec.path.startswith("/"):
             volumes.append(f"{spec.path}:{spec.path}:ro")
     gpu = mode != "none" and bool(local) and str(config.embedding.get("device", "cpu")).startswith("cuda")
     return GatewayService(image=image_ref(config, "gateway"), port=config.gateway["port"],
-                          models=[s.name for s in local], volumes=volumes, gpu=gpu)
+                          models=[s.name for s in local], volumes=volumes, gpu=gpu,
+                          models_dir=weights.CONTAINER_ROOT if any(s.name in shipped for s in local) else "")
 
 
 def render_compose(config: Config, platform: str | None = None, gpu: bool | None = None,
@@ -150,7 +170,7 @@ def render_compose(config: Config, platform: str | None = None, gpu: bool | None
     return env.get_template(TEMPLATE_NAME).render(
         docker=config.docker, gateway=config.gateway, engines=engine_services(config), gpu_mode=mode,
         platform=platform, gateway_name=GATEWAY_SERVICE, gateway_image=gateway.image,
-        gateway_volumes=gateway.volumes, gateway_gpu=gateway.gpu,
+        gateway_volumes=gateway.volumes, gateway_gpu=gateway.gpu, gateway_models_dir=gateway.models_dir,
         gateway_healthcheck=_http_probe(config.gateway["port"], "/health_check"),
         config_target=GATEWAY_CONFIG_PATH, config_digest=digest or config_digest(config))
 

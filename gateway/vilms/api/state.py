@@ -17,6 +17,7 @@ from ..http import make_session
 from ..media import ImageLimits
 from ..params import request_defaults
 from ..routing import Router
+from ..weights import runtime_source
 from .readiness import model_report
 
 log = logging.getLogger("vilms.gateway")
@@ -60,7 +61,7 @@ class GatewayState:
         embedders = {}
         for name, route in router.routes.items():
             if route.spec.is_embedding and route.engine == "local":
-                embedders[name] = LocalEmbedder(name, route.spec.path or route.spec.name, device=emb["device"],
+                embedders[name] = LocalEmbedder(name, runtime_source(config, route.spec), device=emb["device"],
                                                 trust_remote_code=route.spec.trust_remote_code,
                                                 max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"],
                                                 batching=emb["batching"])
