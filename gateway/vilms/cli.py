@@ -1,4 +1,4 @@
-"""`vilms validate | serve | compose`: the operator's entry points."""
+"""`vilms validate | serve | compose | plan`: the operator's entry points."""
 
 from __future__ import annotations
 
@@ -83,6 +83,40 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Capacity plan for one host: exit 0 when every model fits (or a tight fit is accepted), 1 when not."""
+    import yaml
+
+    from .capacity_plan import Facts, host_memory, plan_host, render_text
+
+    def fail(issues: list[dict[str, str]]) -> int:
+        if args.format == "json":
+            print(json.dumps({"ok": False, "errors": issues}, indent=2))
+        for issue in issues:
+            print(f"vilms plan: {issue['pointer']}: {issue['message']}", file=sys.stderr)
+        return 1
+
+    try:
+        raw = yaml.safe_load(sys.stdin) if args.config == "-" else read_yaml(args.config)
+        config = build_config(raw, source=args.config)
+    except ConfigError as exc:
+        return fail([i.as_dict() for i in exc.issues])
+    gpu_mib = tuple(float(x) for x in args.gpu_mib.replace("\n", ",").split(",") if x.strip()) if args.gpu_mib else ()
+    facts = Facts(gpu_mib=gpu_mib, device_model=args.device_model or "", meminfo_mib=args.meminfo_mib,
+                  gpu=not args.no_gpu)
+    try:
+        memory = host_memory(config, facts, memory_gb=args.memory_gb, gpus=args.gpus)
+    except ValueError as exc:
+        return fail([{"pointer": "/host", "message": str(exc), "hint": "", "severity": "error"}])
+    plan = plan_host(args.host or config.raw["host"].get("name") or "localhost", config, memory,
+                     accept_tight_fit=True if args.accept_tight_fit else None)
+    if args.format == "json":
+        print(json.dumps({"ok": plan.ok, "hosts": [plan.as_dict()]}, indent=2))
+    else:
+        sys.stdout.write(render_text([plan]))
+    return 0 if plan.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vilms", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="-")
     p.add_argument("--models-json", action="store_true", help="print {engine service: [models]} instead (for the role)")
     p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("plan", help="capacity plan: do this host's models fit its GPU or unified memory?")
+    p.add_argument("--config", required=True, help="config.yaml ('-' = stdin)")
+    p.add_argument("--memory-gb", type=float, default=None, help="GiB per GPU (dgpu) or the board's memory (Jetson)")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (dgpu)")
+    p.add_argument("--host", default=None, help="name shown in the report")
+    p.add_argument("--gpu-mib", default=None, help="probed: nvidia-smi memory.total per GPU, comma-separated")
+    p.add_argument("--device-model", default=None, help="probed: /proc/device-tree/model (Jetson)")
+    p.add_argument("--meminfo-mib", type=float, default=None, help="probed: MemTotal in MiB")
+    p.add_argument("--no-gpu", action="store_true", help="the host runs the CPU profile (vilms_gpu: false)")
+    p.add_argument("--accept-tight-fit", action="store_true", help="as host.accept-tight-fit: true")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     return args.func(args)
