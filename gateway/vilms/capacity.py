@@ -143,11 +143,11 @@ def ollama_estimate(config: Config, spec: ModelSpec, device_gib: float) -> Estim
     tag, entry, quant = ollama_entry(spec.name)
     arch = data.ARCHS.get(entry.arch) if entry and entry.arch else None
     if entry is None:
-        return Estimate(None, basis=f"{spec.name!r} is not in the Ollama table")
+        return _declared_or(config, spec, Estimate(None, basis=f"{spec.name!r} is not in the Ollama table"))
     if quant and arch:
         weights, basis = weights_from_params(entry.arch, quant), f"{arch.params_b} B params at {quant}"
     elif quant:
-        return Estimate(None, basis=f"{spec.name!r}: quantisation {quant} of a tag without an architecture entry")
+        return _declared_or(config, spec, Estimate(None, basis=f"{spec.name!r}: {quant} of a tag with no architecture"))
     else:
         weights, basis = entry.size_gb * data.GB, f"{tag} {entry.size_gb} GB, {entry.source}"
     ctx = ollama_context(spec, arch, device_gib) if arch else 0

@@ -8,7 +8,8 @@ tensor-parallel GPUs, 0..tp-1, because compose hands every engine all GPUs and e
 Ollama and CUDA-resident gateway models take the GPU with most room, Ollama splitting across GPUs when one is
 not enough), plus host RAM for what the gateway runs on CPU; on a Jetson one unified pool, minus an OS reserve.
 Verdicts: over (headroom < 0, or vLLM utilisations on a GPU sum past 1), tight (headroom under 20% of the
-estimated part: the estimates are good to about +-20%), fits. A tight host passes only with
+estimated part: the estimates are good to about +-20%; for vLLM's own need inside its reservation, 20% of
+KV cache + overhead and 5% of the weights), fits. A tight host passes only with
 `host.accept-tight-fit: true`. A model with no figure is a warning asking for `memory-gb`.
 """
 
@@ -290,7 +291,9 @@ def _judge(plan: HostPlan, d: Demand, names: list[str], charged: float | None, p
 def _vllm_inner(plan: HostPlan, d: Demand, reserved: float) -> str:
     """vLLM starts only when weights + overhead + KV for one max-model-len sequence fit in its reservation."""
     est, need = d.estimate, d.estimate.gib or 0.0
-    if need * (1 + TIGHT) <= reserved:
+    # Weights from a parameter count are good to a few %; KV cache and overhead are the uncertain part.
+    margin = TIGHT * (est.kv + est.overhead) + 0.05 * est.weights if est.weights else TIGHT * need
+    if need + margin <= reserved:
         return "fits"
     per_gpu = reserved / max(1, d.tensor_parallel)
     cap = per_gpu / d.utilization if d.utilization else per_gpu
@@ -308,7 +311,7 @@ def _vllm_inner(plan: HostPlan, d: Demand, reserved: float) -> str:
     if verdict == "over":
         plan.problems.append(f"{head}; vLLM will not start: " + ", or ".join(fixes))
     else:
-        plan.problems.append(f"{head}: under {int(TIGHT * 100)}% to spare; " + ", or ".join(fixes)
+        plan.problems.append(f"{head}: less spare than the estimate's error ({margin:.1f} GiB); " + ", or ".join(fixes)
                              + ", or set host.accept-tight-fit: true to accept")
     return verdict
 
