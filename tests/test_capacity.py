@@ -199,7 +199,8 @@ def test_cli_exit_codes_and_json(tmp_path):
     report = json.loads(over.stdout)
     host = report["hosts"][0]
     assert report["ok"] is False and host["verdict"] == "over"
-    assert host["models"][0] | {} == host["models"][0] and host["models"][0]["estimate_gib"] == pytest.approx(6.21, abs=0.01)
+    assert host["models"][0]["model"] == "qwen2.5vl:7b" and host["models"][0]["verdict"] == "over"
+    assert host["models"][0]["estimate_gib"] == pytest.approx(6.21, abs=0.01)
     assert host["pools"][0]["budget_gib"] == 5.5 and host["pools"][0]["headroom_gib"] == pytest.approx(-0.71, abs=0.01)
     fits = _plan(tmp_path, config, "--memory-gb", "16")
     assert fits.returncode == 0 and "qwen2.5vl:7b" in fits.stdout and "fits" in fits.stdout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import capacity_data as data
@@ -52,7 +52,6 @@ class Demand:
     utilization: float = 0.0     # vLLM: gpu-memory-utilization (fraction of each of its GPUs)
     tensor_parallel: int = 1     # vLLM: GPUs it spans
     device: str = "gpu"          # gpu (GPU or unified memory) | cpu (host RAM)
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _bits(quant: str | None, default: float) -> float:

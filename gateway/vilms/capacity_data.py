@@ -190,8 +190,8 @@ class JetsonSku:
 # Reserves: the carve-outs (MemTotal is ~0.6 GiB under nominal) plus a headless Ubuntu with Docker;
 # the "Orin Nano 8 GB: about 5 GB usable after the OS" is the calibration point.
 JETSON_SKUS: tuple[JetsonSku, ...] = (
-    JetsonSku("Jetson AGX Thor", "thor", {128: 6.0, 64: 5.0}),
     JetsonSku("Jetson AGX Orin", "agx orin", {32: 3.5, 64: 4.0}),
+    JetsonSku("Jetson AGX Thor", "thor", {128: 6.0, 64: 5.0}),
     JetsonSku("Jetson Orin NX", "orin nx", {8: 2.5, 16: 3.0}),
     JetsonSku("Jetson Orin Nano", "orin nano", {4: 1.7, 8: 2.5}),
     JetsonSku("Jetson AGX Xavier", "agx xavier", {16: 3.0, 32: 3.5, 64: 4.0}),

@@ -130,10 +130,10 @@ def _r(value: float | None) -> float | None:
 # --- budgets ---------------------------------------------------------------------------------------------
 
 def jetson_reserve(size_gb: float) -> float:
-    """The OS reserve the SKU table gives a board of this nominal size; a share of it otherwise."""
+    """The OS reserve the SKU table gives a board of this nominal size (first family listing it); else a share."""
     for sku in data.JETSON_SKUS:
-        if round(size_gb) in sku.sizes and abs(size_gb - round(size_gb)) < 1e-6:
-            return sku.sizes[round(size_gb)]
+        if size_gb in sku.sizes:
+            return sku.sizes[int(size_gb)]
     share, floor = data.JETSON_GENERIC_RESERVE
     return max(floor, share * size_gb)
 
@@ -157,11 +157,10 @@ def jetson_memory(facts: Facts, memory_gb: float | None = None, reserve_gb: floa
         raise ValueError("no memory figure: pass --memory-gb, or set host.memory-gb in the config")
     if reserve_gb is not None:
         reserve = float(reserve_gb)
-    elif sku and memory_gb is None:
-        reserve = sku.sizes[int(size)] if int(size) in sku.sizes else jetson_reserve(size)
+    elif sku and size in sku.sizes:
+        reserve = sku.sizes[int(size)]
     else:
-        reserve = jetson_reserve(size) if memory_gb is not None else max(data.JETSON_GENERIC_RESERVE[1],
-                                                                         data.JETSON_GENERIC_RESERVE[0] * size)
+        reserve = jetson_reserve(size)
     return HostMemory("js", unified=size, reserve=reserve, description=f"{what} - {reserve:g} GiB OS reserve")
 
 
