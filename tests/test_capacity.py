@@ -220,3 +220,35 @@ def test_cli_invalid_config_is_an_error(tmp_path):
                    "--format", "json")
     assert result.returncode == 1
     assert json.loads(result.stdout)["errors"][0]["pointer"] == "/serving/models/0/memory-gb"
+
+
+def test_cli_plans_every_host_of_an_inventory(tmp_path):
+    """group_vars and host_vars merge as in a run; memory comes from each host's config; no host is contacted."""
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "host_vars").mkdir()
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {
+        "dgpu": {"hosts": {"gpu-a.invalid": None, "gpu-b.invalid": None, "gpu-c.invalid": None}},
+        "jetsons": {"hosts": {"nano.invalid": None}}}}}))
+    two_vllm = [vllm("Qwen/Qwen2.5-7B-Instruct", **{"max-model-len": 8192}),
+                vllm("Qwen/Qwen2.5-3B-Instruct", **{"max-model-len": 8192})]
+    (tmp_path / "group_vars" / "all.yml").write_text(yaml.safe_dump(
+        {"vilms_config": {"host": {"platform": "dgpu"}, "serving": {"engine": "vllm", "models": two_vllm}}}))
+    (tmp_path / "group_vars" / "jetsons.yml").write_text(yaml.safe_dump({"vilms_config_group": {
+        "host": {"platform": "js"}, "serving": {"engine": "ollama", "models": [ollama("qwen2.5vl:3b")]}}}))
+    host_vars = {"gpu-a.invalid": {"host": {"memory-gb": 24}}, "nano.invalid": {"host": {"memory-gb": 8}},
+                 "gpu-b.invalid": {"host": {"memory-gb": 80, "gpus": 2}, "serving": {"models": [
+                     vllm("Qwen/Qwen2.5-7B-Instruct", **{"gpu-memory-utilization": 0.45}),
+                     vllm("Qwen/Qwen2.5-3B-Instruct", **{"gpu-memory-utilization": 0.45})]}}}
+    for host, config in host_vars.items():
+        (tmp_path / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump({"vilms_config_host": config}))
+    run = subprocess.run([sys.executable, "-m", "vilms", "plan", "--inventory", str(tmp_path / "hosts.yml"),
+                          "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    hosts = {h["host"]: h for h in json.loads(run.stdout)["hosts"]}
+    assert {h: r.get("verdict", "error") for h, r in hosts.items()} == {
+        "gpu-a.invalid": "over", "gpu-b.invalid": "fits", "gpu-c.invalid": "error", "nano.invalid": "fits"}
+    assert "no GPU memory figure" in hosts["gpu-c.invalid"]["errors"][0]
+    assert hosts["nano.invalid"]["models"][0]["model"] == "qwen2.5vl:3b"
+    limited = subprocess.run([sys.executable, "-m", "vilms", "plan", "--inventory", str(tmp_path / "hosts.yml"),
+                              "--limit", "gpu-b.invalid,nano.invalid"], capture_output=True, text=True, timeout=120)
+    assert limited.returncode == 0 and "host gpu-b.invalid" in limited.stdout and "gpu-a" not in limited.stdout

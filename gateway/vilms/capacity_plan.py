@@ -303,7 +303,9 @@ def _vllm_inner(plan: HostPlan, d: Demand, reserved: float) -> str:
         fixes.append(f"raise its gpu-memory-utilization to >= {util_needed:.2f}")
     if est.kv and ctx >= 256:
         fixes.append(f"set max-model-len <= {ctx}")
-    fixes.append(f"move it to a host with >= {_size_for(need / max(1, d.tensor_parallel), 'dgpu')} GB GPUs")
+    per_gpu_need = need / max(1, d.tensor_parallel) / (d.utilization or 1.0)
+    fixes.append(f"move it to a host with >= {_size_for(per_gpu_need, 'dgpu')} GB GPUs (at gpu-memory-utilization "
+                 f"{d.utilization:g})")
     verdict = "over" if need > reserved else "tight"
     head = (f"{plan.host}: {d.model} needs {need:.1f} GiB ({est.parts()}) but reserves "
             f"{d.utilization:g} x {cap:.1f} GiB = {reserved:.1f} GiB")
@@ -383,9 +385,9 @@ def render_text(plans: list[HostPlan]) -> str:
             out.append(f"  {name[:40]:<40} {'remote':<7} {'-':>9} {'-':<8} {'-':>7} {'-':>9}  not on this host")
         for pool in plan.pools:
             util = f", vLLM utilisation {pool.utilization:.2f}" if pool.utilization else ""
-            budget = "unknown" if pool.budget is None else f"{pool.budget:.2f}"
+            budget = "unknown" if pool.budget is None else f"{pool.budget:.2f} GiB"
             room = "-" if pool.headroom is None else f"{pool.headroom:.2f}"
-            out.append(f"  pool {pool.name}: budget {budget} GiB, reserved {pool.reserved:.2f}, estimated "
+            out.append(f"  pool {pool.name}: budget {budget}, reserved {pool.reserved:.2f}, estimated "
                        f"{pool.estimated:.2f}, headroom {room}{util}: {pool.verdict}")
         accepted = " (tight fit accepted: host.accept-tight-fit)" if plan.verdict == "tight" and plan.ok else ""
         out.append(f"  verdict: {plan.verdict}{accepted} -> {'OK' if plan.ok else 'FAIL'}")

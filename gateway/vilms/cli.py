@@ -96,6 +96,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"vilms plan: {issue['pointer']}: {issue['message']}", file=sys.stderr)
         return 1
 
+    if args.inventory:
+        return _plan_inventory(args)
     try:
         raw = yaml.safe_load(sys.stdin) if args.config == "-" else read_yaml(args.config)
         config = build_config(raw, source=args.config)
@@ -115,6 +117,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_text([plan]))
     return 0 if plan.ok else 1
+
+
+def _plan_inventory(args: argparse.Namespace) -> int:
+    """Every host of an inventory, from the controller (memory from each host's config or the flags)."""
+    from .capacity_inventory import HostError, plan_inventory
+    from .capacity_plan import render_text
+
+    limit = {h.strip() for h in args.limit.split(",") if h.strip()} if args.limit else None
+    try:
+        results = plan_inventory(args.inventory, limit, args.memory_gb, args.gpus)
+    except ValueError as exc:
+        print(f"vilms plan: {exc}", file=sys.stderr)
+        return 1
+    ok = bool(results) and all(not isinstance(r, HostError) and r.ok for r in results)
+    if args.format == "json":
+        print(json.dumps({"ok": ok, "hosts": [r.as_dict() for r in results]}, indent=2))
+        return 0 if ok else 1
+    for result in results:
+        if isinstance(result, HostError):
+            print(f"host {result.host}: no plan: {result.message}\n  verdict: unknown -> FAIL")
+        else:
+            sys.stdout.write(render_text([result]))
+    if not results:
+        print(f"vilms plan: no host in {args.inventory} has a vilms config", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser("plan", help="capacity plan: do this host's models fit its GPU or unified memory?")
-    p.add_argument("--config", required=True, help="config.yaml ('-' = stdin)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="config.yaml of one host ('-' = stdin)")
+    source.add_argument("--inventory", help="an Ansible inventory: every host with a vilms config")
+    p.add_argument("--limit", default=None, help="with --inventory: only these hosts (comma-separated)")
     p.add_argument("--memory-gb", type=float, default=None, help="GiB per GPU (dgpu) or the board's memory (Jetson)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (dgpu)")
     p.add_argument("--host", default=None, help="name shown in the report")
