@@ -1,4 +1,4 @@
-"""`vilms validate | render | serve | compose`: the operator's entry points."""
+"""`vilms validate | render | serve | compose | weights | plan`: the operator's entry points."""
 
 from __future__ import annotations
 
@@ -159,6 +159,67 @@ def _weights_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_weights)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Capacity plan for one host: exit 0 when every model fits (or a tight fit is accepted), 1 when not."""
+    import yaml
+
+    from .capacity_plan import Facts, host_memory, plan_host, render_text
+
+    def fail(issues: list[dict[str, str]]) -> int:
+        if args.format == "json":
+            print(json.dumps({"ok": False, "errors": issues}, indent=2))
+        for issue in issues:
+            print(f"vilms plan: {issue['pointer']}: {issue['message']}", file=sys.stderr)
+        return 1
+
+    if args.inventory:
+        return _plan_inventory(args)
+    try:
+        raw = yaml.safe_load(sys.stdin) if args.config == "-" else read_yaml(args.config)
+        config = build_config(raw, source=args.config)
+    except ConfigError as exc:
+        return fail([i.as_dict() for i in exc.issues])
+    gpu_mib = tuple(float(x) for x in args.gpu_mib.replace("\n", ",").split(",") if x.strip()) if args.gpu_mib else ()
+    facts = Facts(gpu_mib=gpu_mib, device_model=args.device_model or "", meminfo_mib=args.meminfo_mib,
+                  gpu=not args.no_gpu)
+    try:
+        memory = host_memory(config, facts, memory_gb=args.memory_gb, gpus=args.gpus)
+    except ValueError as exc:
+        return fail([{"pointer": "/host", "message": str(exc), "hint": "", "severity": "error"}])
+    plan = plan_host(args.host or config.raw["host"].get("name") or "localhost", config, memory,
+                     accept_tight_fit=True if args.accept_tight_fit else None)
+    if args.format == "json":
+        print(json.dumps({"ok": plan.ok, "hosts": [plan.as_dict()]}, indent=2))
+    else:
+        sys.stdout.write(render_text([plan]))
+    return 0 if plan.ok else 1
+
+
+def _plan_inventory(args: argparse.Namespace) -> int:
+    """Every host of an inventory, from the controller (memory from each host's config or the flags)."""
+    from .capacity_inventory import HostError, plan_inventory
+    from .capacity_plan import render_text
+
+    limit = {h.strip() for h in args.limit.split(",") if h.strip()} if args.limit else None
+    try:
+        results = plan_inventory(args.inventory, limit, args.memory_gb, args.gpus)
+    except ValueError as exc:
+        print(f"vilms plan: {exc}", file=sys.stderr)
+        return 1
+    ok = bool(results) and all(not isinstance(r, HostError) and r.ok for r in results)
+    if args.format == "json":
+        print(json.dumps({"ok": ok, "hosts": [r.as_dict() for r in results]}, indent=2))
+        return 0 if ok else 1
+    for result in results:
+        if isinstance(result, HostError):
+            print(f"host {result.host}: no plan: {result.message}\n  verdict: unknown -> FAIL")
+        else:
+            sys.stdout.write(render_text([result]))
+    if not results:
+        print(f"vilms plan: no host in {args.inventory} has a vilms config", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vilms", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_compose)
 
     _weights_parser(sub)
+    p = sub.add_parser("plan", help="capacity plan: do this host's models fit its GPU or unified memory?")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="config.yaml of one host ('-' = stdin)")
+    source.add_argument("--inventory", help="an Ansible inventory: every host with a vilms config")
+    p.add_argument("--limit", default=None, help="with --inventory: only these hosts (comma-separated)")
+    p.add_argument("--memory-gb", type=float, default=None, help="GiB per GPU (dgpu) or the board's memory (Jetson)")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (dgpu)")
+    p.add_argument("--host", default=None, help="name shown in the report")
+    p.add_argument("--gpu-mib", default=None, help="probed: nvidia-smi memory.total per GPU, comma-separated")
+    p.add_argument("--device-model", default=None, help="probed: /proc/device-tree/model (Jetson)")
+    p.add_argument("--meminfo-mib", type=float, default=None, help="probed: MemTotal in MiB")
+    p.add_argument("--no-gpu", action="store_true", help="the host runs the CPU profile (vilms_gpu: false)")
+    p.add_argument("--accept-tight-fit", action="store_true", help="as host.accept-tight-fit: true")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     return args.func(args)
