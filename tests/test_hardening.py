@@ -55,6 +55,13 @@ def running_gauge(url: str) -> float:
     return sum(float(m) for m in re.findall(r"^vilms:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
 
 
+def counted(url: str, status: str, model: str = "qwen2.5vl:3b", route: str = "chat") -> float:
+    """vilms:requests_total for one model and status (the registry is process-wide: compare before/after)."""
+    text = httpx.get(url + "/metrics").text
+    pattern = rf'^vilms:requests_total\{{[^}}]*model="{re.escape(model)}",route="{route}",status="{status}"\}} (\S+)$'
+    return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+
 def png(size=(16, 16), fmt="PNG") -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, "red").save(out, fmt)
@@ -147,7 +154,7 @@ def test_total_images_per_request_is_capped_across_messages(backend):
 
 def test_image_bytes_and_decoder_formats_are_limited(backend):
     config = openai_config(backend.url)
-    config["media"] = {"max-image-bytes": 4096}
+    config["media"] = {"max-bytes": 4096}
     noisy = io.BytesIO()
     Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(noisy, "PNG")
     with gateway(config) as gw:
@@ -233,6 +240,7 @@ GOOD_LINE = b'{"message":{"role":"assistant","content":"one "},"done":false}\n'
 def test_malformed_ndjson_line_is_an_sse_error_and_counted_as_failed(bad):
     with ThreadedServer(broken_ollama([GOOD_LINE, bad, GOOD_LINE])) as engine:
         with gateway(ollama_config(engine.url)) as gw:
+            before_502, before_200 = counted(gw.url, "502"), counted(gw.url, "200")
             with httpx.stream("POST", gw.url + "/v1/chat/completions",
                               json={"model": "VLM", "stream": True, "messages": [user("hi")]}) as response:
                 assert response.status_code == 200
@@ -240,8 +248,5 @@ def test_malformed_ndjson_line_is_an_sse_error_and_counted_as_failed(bad):
             assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "one "
             error = orjson.loads(events[-1])["error"]
             assert error["type"] == "upstream_error" and error["code"] == "engine_error"
-            metrics = httpx.get(gw.url + "/metrics").text
-            assert re.search(r'vilms:requests_total\{engine="ollama",model="qwen2.5vl:3b",route="chat",status="502"\} 1.0',
-                             metrics), metrics
-            assert 'status="200"' not in metrics.split("vilms:requests_total")[1].split("# HELP")[0]
+            assert counted(gw.url, "502") == before_502 + 1 and counted(gw.url, "200") == before_200
             assert running_gauge(gw.url) == 0
