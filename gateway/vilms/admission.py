@@ -12,6 +12,7 @@ import asyncio
 from collections import deque
 
 from .errors import GatewayError
+from .observe import BODY_BYTES
 from .security import RateLimited
 
 
@@ -70,9 +71,12 @@ class BodyBudget:
         if self.used + size > self.limit:
             raise Overloaded(f"the gateway is holding {self.limit} bytes of request bodies already; retry shortly")
         self.used += size
+        BODY_BYTES.set(self.used)
 
     def give(self, size: int) -> None:
-        self.used -= size
+        if size:
+            self.used -= size
+            BODY_BYTES.set(self.used)
 
 
 class Overloaded(GatewayError):

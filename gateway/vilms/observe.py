@@ -24,6 +24,8 @@ TTFT = Histogram("vilms:time_to_first_token_seconds", "Time from request to the 
 UPSTREAM_ERRORS = Counter("vilms:upstream_errors", "Engine failures by kind (connect, timeout, status, stream).",
                           ["model", "engine", "kind"], registry=REGISTRY)
 RUNNING = Gauge("vilms:num_requests_running", "Requests in flight.", ["model", "engine"], registry=REGISTRY)
+BODY_BYTES = Gauge("vilms:request_body_bytes_held", "Request body bytes the gateway holds now (gateway.max-inflight-body-bytes).",
+                   registry=REGISTRY)
 EMBED_BATCH = Histogram("vilms:embedding_batch_size", "Sentences per local encode() call.", ["model"],
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
 
