@@ -37,6 +37,9 @@ class ApiKey:
     _tokens: float = 0.0
     _refilled: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        self._tokens = float(self.requests_per_minute or 0)  # a full bucket: a minute's burst at start
+
     def allows(self, route_name: str) -> bool:
         return self.models is None or route_name in self.models
 
