@@ -112,6 +112,9 @@ class Readiness(BaseModel):
     backends: list[dict[str, Any]] | None = None
 
 
+# Each server-sent event: `data:` holds a chat.completion.chunk, an error envelope, or "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
 _ERRORS = {"400": "invalid request", "401": "missing or invalid API key", "403": "key may not use this model",
            "404": "unknown model", "405": "method not allowed", "408": "body not received in time",
            "413": "body too large", "415": "not application/json", "429": "over capacity or rate limit",
@@ -143,7 +146,7 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
     chat = paths["/v1/chat/completions"]["post"]
     chat["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(ChatRequest)}}}
     chat["responses"] = responses({"application/json": {"schema": ref(ChatCompletion)},
-                                   "text/event-stream": {"schema": {"type": "string"}}}, *post_errors)
+                                   "text/event-stream": {"schema": _SSE_EVENT}}, *post_errors)
     emb = paths["/v1/embeddings"]["post"]
     emb["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(EmbeddingRequest)}}}
     emb["responses"] = responses({"application/json": {"schema": ref(EmbeddingList)}}, *post_errors)
@@ -159,8 +162,8 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
             operation.pop("parameters", None)
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    names = sorted(set(router.names("chat")) | set(router.names("embedding")))
-    for model in ("ChatRequest", "EmbeddingRequest"):  # examples: a fuzzer reaches the engines, not only 404s
-        components[model]["properties"]["model"]["examples"] = names
+    for model, kind in (("ChatRequest", "chat"), ("EmbeddingRequest", "embedding")):
+        # the names this gateway serves (any other is a 404): a fuzzer then reaches the engines
+        components[model]["properties"]["model"]["enum"] = router.names(kind) or [""]
     app.openapi_schema = schema
     return schema

@@ -46,6 +46,8 @@ def _part_kind(value: Any) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     if kind is None:
         return None
+    if not isinstance(kind, str):
+        return "Other"  # which then refuses the non-string type
     return {"text": "Text", "image_url": "Image"}.get(kind, "Other")
 
 
