@@ -77,11 +77,15 @@ class Proc:
             os.killpg(self.proc.pid, 9)
 
 
-def wrk(url: str, connections: int, duration: int, body: str) -> dict[str, Any]:
+BENCH_KEY = "sk-bench-0123456789abcdef"
+
+
+def wrk(url: str, connections: int, duration: int, body: str, auth: str | None = None) -> dict[str, Any]:
     threads = 1 if connections == 1 else 2
+    env = {**os.environ, "BODY": body, **({"AUTH": auth} if auth else {})}
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
                           str(ROOT / "bench" / "post.lua"), url], capture_output=True, text=True,
-                         env={**os.environ, "BODY": body}, timeout=duration + 60).stdout
+                         env=env, timeout=duration + 60).stdout
     def ms(text: str) -> float:
         value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
@@ -92,11 +96,11 @@ def wrk(url: str, connections: int, duration: int, body: str) -> dict[str, Any]:
     return {"rps": rps, "p50_ms": pct.get("50"), "p99_ms": pct.get("99"), "errors": errors}
 
 
-async def stream_probe(url: str, model: str, n: int) -> dict[str, Any]:
+async def stream_probe(url: str, model: str, n: int, auth: str | None = None) -> dict[str, Any]:
     """Time to first chunk and chunk counts, one request at a time."""
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     firsts, events = [], []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": auth} if auth else None) as session:
         for _ in range(n):
             started = time.perf_counter()
             async with session.post(url, json=body) as response:
@@ -137,17 +141,29 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
         config = {"serving": {"engine": "openai", "base-url": base["mock0"],
                               "models": [{"name": n, "base-url": u} for n, u in base.items()]},
                   "gateway": {"host": "127.0.0.1", "log-level": "warning"}}
-        cfg = RESULTS / "raw" / "vilms-config.yaml"
-        cfg.write_text(yaml.safe_dump(config))
+        plain = RESULTS / "raw" / "vilms-config.yaml"
+        plain.write_text(yaml.safe_dump(config))
+        cfg = plain
+        if args.secure:  # API keys on, and operator caps on every model (the hot path pays for both)
+            secure = {**config, "gateway": {**config["gateway"], "api-keys": [{"name": "bench", "key": BENCH_KEY}]},
+                      "serving": {**config["serving"], "models": [
+                          {**m, "params": {"max-tokens-cap": 4096, "max-n": 2}} for m in config["serving"]["models"]]}}
+            cfg = RESULTS / "raw" / "vilms-secure-config.yaml"
+            cfg.write_text(yaml.safe_dump(secure))
         workers = os.cpu_count() or 2
-        targets: dict[str, dict[str, Any]] = {
-            "direct": {"url": None},
-            "vilms-1w": {"proc": Proc("vilms-1w", [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["v1"]), "--workers", "1"]),
-                         "url": f"http://127.0.0.1:{ports['v1']}"},
-            f"vilms-{workers}w": {"proc": Proc(f"vilms-{workers}w", [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["vn"]), "--workers", str(workers)]),
-                                  "url": f"http://127.0.0.1:{ports['vn']}"},
-        }
-        litellm = None if args.no_litellm else ensure_litellm()
+        targets: dict[str, dict[str, Any]] = {"direct": {"url": None}}
+        if args.baseline_src:  # the same harness against another checkout's gateway (e.g. main), no keys
+            env = {"PYTHONPATH": os.pathsep.join([str(Path(args.baseline_src) / "gateway"), str(args.baseline_src)])}
+            targets["before-1w"] = {"proc": Proc("before-1w", [PY, "-m", "vilms", "serve", "--config", str(plain), "--port",
+                                                              str(ports["lite"]), "--workers", "1"], env=env),
+                                    "url": f"http://127.0.0.1:{ports['lite']}"}
+        label = "vilms-1w" + ("-keys" if args.secure else "")
+        targets[label] = {"proc": Proc(label, [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["v1"]), "--workers", "1"]),
+                          "url": f"http://127.0.0.1:{ports['v1']}", "auth": args.secure}
+        if not args.one_worker:
+            targets[f"vilms-{workers}w"] = {"proc": Proc(f"vilms-{workers}w", [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["vn"]), "--workers", str(workers)]),
+                                            "url": f"http://127.0.0.1:{ports['vn']}", "auth": args.secure}
+        litellm = None if args.no_litellm or args.baseline_src else ensure_litellm()
         if litellm:
             lcfg = RESULTS / "raw" / "litellm-config.yaml"
             lcfg.write_text(yaml.safe_dump({"model_list": [
@@ -161,7 +177,7 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
         for name, t in targets.items():
             if t.get("proc"):
                 procs.append(t["proc"])
-                wait_http(t["url"] + ("/health_check" if name.startswith("vilms") else "/health/liveliness"), 120, t["proc"].proc)
+                wait_http(t["url"] + ("/health/liveliness" if name == "litellm" else "/health_check"), 120, t["proc"].proc)
         time.sleep(1)
         results: dict[str, Any] = {}
         for name, t in targets.items():
@@ -176,10 +192,11 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
             def body(model: str) -> str:
                 return json.dumps({"model": model, "max_tokens": 16,
                                    "messages": [{"role": "user", "content": "Say hello in one word."}]})
-            r["c1_0ms"] = wrk(url("mock0"), 1, d, body("mock0"))
+            auth = f"Bearer {BENCH_KEY}" if t.get("auth") else None
+            r["c1_0ms"] = wrk(url("mock0"), 1, d, body("mock0"), auth)
             for c in (1, 16, 64):
-                r[f"c{c}_20ms"] = wrk(url("mock20"), c, d, body("mock20"))
-            r["stream"] = asyncio.run(stream_probe(url("mockst"), "mockst", 100 if args.quick else 300))
+                r[f"c{c}_20ms"] = wrk(url("mock20"), c, d, body("mock20"), auth)
+            r["stream"] = asyncio.run(stream_probe(url("mockst"), "mockst", 100 if args.quick else 300, auth))
             if t.get("proc"):
                 r["rss_peak_mb"] = t["proc"].rss_mb("VmHWM")
             results[name] = r
@@ -291,6 +308,10 @@ def main() -> None:
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-embeddings", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--secure", action="store_true", help="API keys and operator caps on for the vilms targets")
+    parser.add_argument("--baseline-src", default=None, help="also measure the gateway of this checkout (before-1w)")
+    parser.add_argument("--one-worker", action="store_true", help="skip the one-worker-per-core target")
+    parser.add_argument("--stem", default=None, help="result file name (default latest, or quick)")
     args = parser.parse_args()
     if args.quick:
         args.duration = 1
@@ -303,7 +324,7 @@ def main() -> None:
     if not args.no_embeddings:
         results["embeddings"] = run_embeddings(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if args.quick else "latest"
+    stem = args.stem or ("quick" if args.quick else "latest")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     text = table(results, meta)
     (args.out / f"{stem}.md").write_text(text)

@@ -40,8 +40,9 @@ def fast_backend():
 def test_bad_requests_get_400_envelopes(fast_backend):
     with gateway(openai_config(fast_backend.url)) as gw:
         url = gw.url + "/v1/chat/completions"
-        assert assert_envelope(httpx.post(url, content=b"{nope"), 400)["code"] == "invalid_json"
-        assert assert_envelope(httpx.post(url, content=b"[1]"), 400)["code"] == "invalid_json"
+        json_type = {"content-type": "application/json"}
+        assert assert_envelope(httpx.post(url, content=b"{nope", headers=json_type), 400)["code"] == "invalid_json"
+        assert assert_envelope(httpx.post(url, content=b"[1]", headers=json_type), 400)["code"] == "invalid_json"
         assert assert_envelope(httpx.post(url, json={"model": "LLM"}), 400)["param"] == "messages"
         assert assert_envelope(httpx.post(url, json={"model": "LLM", "messages": []}), 400)["param"] == "messages"
         error = assert_envelope(httpx.post(url, json={"model": "LLM", "messages": [{"role": "wizard", "content": "x"}]}), 400)
@@ -183,6 +184,7 @@ def test_oversized_body_is_413_and_never_reaches_the_engine(fast_backend):
             yield b'{"model": "LLM", "messages": [{"role": "user", "content": "'
             yield b"y" * 10_000
             yield b'"}]}'
-        streamed = httpx.post(gw.url + "/v1/chat/completions", content=chunks())  # no content-length: chunked
+        streamed = httpx.post(gw.url + "/v1/chat/completions", content=chunks(),  # no content-length: chunked
+                              headers={"content-type": "application/json"})
         assert_envelope(streamed, 413)
     assert fast_backend.backend.stats["requests"] == 0

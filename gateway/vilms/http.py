@@ -16,13 +16,16 @@ import aiohttp
 def make_session(gateway: dict[str, Any]) -> aiohttp.ClientSession:
     """Create inside the running event loop (the gateway does it at start-up).
 
-    `sock_read` is the longest silence between two upstream reads (a stream may run long overall);
-    the whole-request limit for non-streaming calls is enforced by the engines.
+    `sock_read` is the longest silence between two upstream reads; `total` bounds a whole exchange,
+    streams included (gateway.stream-timeout); the tighter limit for non-streaming calls is enforced by
+    the engines. `sock_connect`, not `connect`: aiohttp's `connect` also counts the wait for a free pool
+    connection, which made a busy pool look like an unreachable engine. Admission control (one queue per
+    backend) bounds how many requests wait for the pool.
     """
     connector = aiohttp.TCPConnector(limit=gateway["max-connections"], limit_per_host=0,
                                      keepalive_timeout=30, ttl_dns_cache=60, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=None, connect=gateway["connect-timeout"],
-                                    sock_read=gateway["read-timeout"])
+    timeout = aiohttp.ClientTimeout(total=gateway["stream-timeout"], connect=None,
+                                    sock_connect=gateway["connect-timeout"], sock_read=gateway["read-timeout"])
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True, trust_env=False,
                                  headers={"User-Agent": "vilms-gateway"}, skip_auto_headers=("Accept-Encoding",),
                                  raise_for_status=False)

@@ -1,6 +1,8 @@
 """Image and frame handling for vision requests: decode-verify, sample frames, downscale, re-encode.
 
-Blocking Pillow work runs in worker threads; the event loop only shuffles bytes.
+Blocking Pillow work runs on a small dedicated executor (media.decode-concurrency threads), so at most
+that many images are decoded at once however many requests arrive; the event loop only shuffles bytes.
+Every check that can refuse a request (part types, counts, sizes) runs first, in one linear pass.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ import asyncio
 import base64
 import binascii
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +28,8 @@ class ImageLimits:
     max_frames: int
     max_side: int
     max_pixels: int
+    max_bytes: int = 20 * 1024 * 1024
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def process_image(data: bytes, limits: ImageLimits) -> PreparedImage:
     Images already small enough and in a format every engine reads pass through byte for byte.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=limits.formats)
         width, height = image.size
         if width * height > limits.max_pixels:
             raise ValueError(f"image has {width}x{height} pixels, more than the {limits.max_pixels} allowed")
@@ -78,10 +83,12 @@ def process_image(data: bytes, limits: ImageLimits) -> PreparedImage:
     return PreparedImage(mime, out.getvalue(), image.width, image.height)
 
 
-def decode_data_url(url: str) -> bytes:
+def decode_data_url(url: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:") or ";base64" not in header:
         raise ValueError("data URLs must be base64-encoded (data:image/...;base64,...)")
+    if len(payload) // 4 * 3 > max_bytes + 2:  # checked before decoding
+        raise ValueError(f"image is larger than {max_bytes} bytes (media.max-bytes)")
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as exc:
@@ -96,15 +103,51 @@ def image_url_of(part: dict[str, Any]) -> str:
     return url
 
 
-def has_images(messages: list[dict[str, Any]]) -> bool:
-    return any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"]
-                                                           if isinstance(p, dict)) for m in messages)
+def inspect_content(messages: list[dict[str, Any]], allowed: Collection[str], max_frames: int,
+                    max_images: int) -> int:
+    """One linear pass over every part: refuse part types the engine may not receive (naming the part) and
+    requests whose images, after per-message sampling, exceed `max_images`. Returns the images to decode.
+
+    Shapes were validated already (strict request models): parts are dicts with a string `type`.
+    """
+    total = 0
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        images = 0
+        for pi, part in enumerate(content):
+            kind = part["type"]
+            if kind not in allowed:
+                where = f"messages[{mi}].content[{pi}]"
+                raise BadRequest(f"{where}: content part type {kind!r} is not accepted for this model (accepted: "
+                                 f"{', '.join(sorted(allowed))})", param=where, code="unsupported_content_part")
+            images += kind == "image_url"
+        total += min(images, max_frames)
+    if total > max_images:
+        raise BadRequest(f"the request carries {total} images (after sampling {max_frames} per message); at most "
+                         f"{max_images} are accepted (media.max-images)", param="messages", code="too_many_images")
+    return total
 
 
-async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fetcher: ImageFetcher) -> list[dict[str, Any]]:
+class Decoder:
+    """A dedicated, small thread pool for Pillow: bounds decode concurrency (and so peak memory)."""
+
+    def __init__(self, workers: int):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vilms-decode")
+
+    async def run(self, data: bytes, limits: ImageLimits) -> PreparedImage:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, process_image, data, limits)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fetcher: ImageFetcher,
+                         decoder: Decoder) -> list[dict[str, Any]]:
     """New message list: each message's images sampled to `max_frames`, verified, resized, as data URLs.
 
-    Text parts keep their places; dropped frames simply vanish from the sequence.
+    Text parts keep their places; dropped frames simply vanish from the sequence. Linear in the parts.
     """
     jobs: list[tuple[int, int, dict[str, Any]]] = []
     new_messages = []
@@ -113,13 +156,14 @@ async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fe
         if not isinstance(content, list):
             new_messages.append(message)
             continue
-        image_positions = [pi for pi, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "image_url"]
+        image_positions = [pi for pi, p in enumerate(content) if p.get("type") == "image_url"]
         kept = {image_positions[i] for i in sample_indices(len(image_positions), limits.max_frames)}
+        dropped = set(image_positions) - kept
         parts = []
         for pi, part in enumerate(content):
-            if pi in image_positions:
-                if pi not in kept:
-                    continue
+            if pi in dropped:
+                continue
+            if pi in kept:
                 part = dict(part)
                 jobs.append((mi, pi, part))
             parts.append(part)
@@ -130,12 +174,14 @@ async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fe
         try:
             url = image_url_of(part)
             if url.startswith("data:"):
-                raw = decode_data_url(url)
+                raw = decode_data_url(url, limits.max_bytes)
             elif url.startswith(("http://", "https://")):
                 raw = await fetcher.fetch(url)
             else:
                 raise ValueError("image url must be a data: URL or an http(s) URL")
-            prepared = await asyncio.to_thread(process_image, raw, limits)
+            if len(raw) > limits.max_bytes:
+                raise ValueError(f"image is larger than {limits.max_bytes} bytes (media.max-bytes)")
+            prepared = await decoder.run(raw, limits)
         except (ValueError, FetchRefused) as exc:
             raise BadRequest(f"{where}: {exc}", param=where, code="invalid_image") from exc
         detail = part["image_url"].get("detail") if isinstance(part.get("image_url"), dict) else None

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -23,6 +24,8 @@ TTFT = Histogram("vilms:time_to_first_token_seconds", "Time from request to the 
 UPSTREAM_ERRORS = Counter("vilms:upstream_errors", "Engine failures by kind (connect, timeout, status, stream).",
                           ["model", "engine", "kind"], registry=REGISTRY)
 RUNNING = Gauge("vilms:num_requests_running", "Requests in flight.", ["model", "engine"], registry=REGISTRY)
+BODY_BYTES = Gauge("vilms:request_body_bytes_held", "Request body bytes the gateway holds now (gateway.max-inflight-body-bytes).",
+                   registry=REGISTRY)
 EMBED_BATCH = Histogram("vilms:embedding_batch_size", "Sentences per local encode() call.", ["model"],
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=REGISTRY)
 
@@ -34,6 +37,8 @@ class JsonFormatter(logging.Formatter):
         payload = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                    "msg": record.getMessage()}
         payload.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            payload["traceback"] = self.formatException(record.exc_info)
         return json.dumps(payload, separators=(",", ":"))
 
 
@@ -41,7 +46,10 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
-        return f"{self.formatTime(record)} {record.levelname.lower()} {record.name} {record.getMessage()} {extra}".rstrip()
+        line = f"{self.formatTime(record)} {record.levelname.lower()} {record.name} {record.getMessage()} {extra}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
@@ -64,12 +72,20 @@ class Observation:
     started: float = field(default_factory=time.perf_counter)
     first_chunk: float | None = None
     done: bool = False
+    key: str = ""
     _running: bool = False
+    _on_finish: list[Callable[[], None]] | None = None
 
     def bind(self, model: str, engine: str) -> None:
         self.model, self.engine = model, engine
         RUNNING.labels(model, engine).inc()
         self._running = True
+
+    def on_finish(self, release: Callable[[], None]) -> None:
+        """Run `release` (a slot, a key's concurrency) when the request ends, on whatever path it ends."""
+        if self._on_finish is None:
+            self._on_finish = []
+        self._on_finish.append(release)
 
     def chunk(self) -> None:
         if self.first_chunk is None:
@@ -84,6 +100,9 @@ class Observation:
             return
         self.done = True
         elapsed = time.perf_counter() - self.started
+        if self._on_finish:
+            for release in self._on_finish:
+                release()
         if self._running:
             RUNNING.labels(self.model, self.engine).dec()
         REQUESTS.labels(self.route, self.model, self.engine, str(status)).inc()
@@ -95,4 +114,6 @@ class Observation:
                 fields["ttft_ms"] = round((self.first_chunk - self.started) * 1000, 2)
             if note:
                 fields["note"] = note
+            if self.key:
+                fields["key"] = self.key
             log.info("request", extra={"fields": fields})

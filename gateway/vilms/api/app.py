@@ -20,10 +20,12 @@ from starlette.responses import Response
 
 from ..config import Config
 from ..engines import ChatCall
-from ..errors import BadRequest, GatewayError, ModelNotFound
-from ..media import has_images, prepare_images
+from ..errors import BadRequest, GatewayError, ModelNotFound, scrub
+from ..media import inspect_content, prepare_images
 from ..observe import REGISTRY, Observation
-from ..params import apply_defaults
+from ..params import apply_defaults, clamp_tokens, enforce_policy
+from .guard import Guard, caller_request_id
+from .openapi import describe
 from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
 from .state import GatewayState
 
@@ -37,8 +39,21 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(exc: GatewayError, request_id: str | None = None) -> Response:
-    headers = {"x-request-id": request_id} if request_id else None
-    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=headers)
+    headers = {"x-request-id": request_id} if request_id else {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    if exc.status >= 500:  # engine and loader messages may name hosts or paths
+        exc.message = scrub(exc.message)
+    return Response(exc.body(), status_code=exc.status, media_type=JSON, headers=headers or None)
+
+
+def _internal(path: str, request_id: str, obs: Observation | None = None) -> Response:
+    """Any unexpected exception: the traceback in the error log, the request finished and counted, an envelope."""
+    log.exception("unhandled error", extra={"fields": {"path": path, "request_id": request_id}})
+    if obs is not None:
+        obs.finish(500, "internal_error")
+    return _error(GatewayError("internal error in the gateway", status=500, type="server_error"), request_id)
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]
@@ -46,8 +61,9 @@ _ID_COUNTER = itertools.count(1)
 
 
 def _request_id(request: Request) -> str:
-    """The caller's x-request-id, else a process-unique id (a counter: uuid4 per request cost 5% of CPU)."""
-    return request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    """The caller's x-request-id when short and plain, else a process-unique id (a counter: uuid4 per
+    request cost 5% of CPU)."""
+    return caller_request_id(request.headers.get("x-request-id")) or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
@@ -87,9 +103,8 @@ class HotPath:
             if handler is not None:
                 try:
                     response = await handler(Request(scope, receive))
-                except Exception:  # never a bare 500 page: an envelope, and the traceback in the log
-                    log.exception("unhandled error", extra={"fields": {"path": scope["path"]}})
-                    response = _error(GatewayError("internal error in the gateway", status=500, type="server_error"))
+                except Exception:  # handlers catch their own; this is the last line of defence
+                    response = _internal(scope["path"], "-")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -97,17 +112,21 @@ class HotPath:
 
 def create_app(config: Config) -> HotPath:
     state = GatewayState.build(config)
+    guard = Guard(config, state.router)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.start()
         yield
         await state.stop()
+        guard.close()
 
-    app = FastAPI(title="vilms gateway", version="0.1.0", lifespan=lifespan)
+    docs = bool(config.gateway["openapi"])
+    app = FastAPI(title="vilms gateway", version="0.1.0", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.gateway = state
+    app.state.guard = guard
     router = state.router
-    body_limit = config.gateway["max-request-bytes"]
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -116,13 +135,18 @@ def create_app(config: Config) -> HotPath:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return _error(GatewayError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
-                                   type=kind))
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        allow = (exc.headers or {}).get("Allow", "")
+        if exc.status_code == 405 and allow == "POST":
+            message = f"{request.url.path} takes POST with a JSON body; see the OpenAI API reference"
+        response = _error(GatewayError(message, status=exc.status_code, type=kind,
+                                       code="method_not_allowed" if exc.status_code == 405 else None))
+        response.headers.update(exc.headers or {})  # Allow on every 405
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"fields": {"path": request.url.path}})
-        return _error(GatewayError("internal error in the gateway", status=500, type="server_error"))
+        return _internal(request.url.path, "-")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -133,55 +157,63 @@ def create_app(config: Config) -> HotPath:
         return _json({"status": "ok"})
 
     @app.get("/health/ready")
-    async def health_ready() -> Response:
+    async def health_ready(request: Request) -> Response:
         report = await state.readiness()
-        return _json(report, status=200 if report["status"] == "ready" else 503)
+        status = 200 if report["status"] == "ready" else 503
+        if guard.keys.enabled:  # without a key: the verdict only, not which engines exist
+            try:
+                guard.authorize_read(request)
+            except GatewayError:
+                return _json({"status": report["status"]}, status=status)
+        return _json(report, status=status)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        guard.authorize_read(request)
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def list_models() -> Response:
+    async def list_models(request: Request) -> Response:
+        key = guard.authorize_read(request)
         data = []
         for name, route in router.routes.items():
-            data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
-                         "type": route.spec.type, "engine": route.engine})
+            if key is None or key.allows(name):
+                data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
+                             "type": route.spec.type, "engine": route.engine})
         for alias in router.aliases:
             route = router.resolve(alias)
-            if route is not None:
+            if route is not None and (key is None or key.allows(route.name)):
                 data.append({"id": alias, "object": "model", "created": state.started, "owned_by": "vilms",
                              "type": route.spec.type, "engine": route.engine, "alias_of": route.name})
         return _json({"object": "list", "data": data})
 
-    def method_hint(path: str) -> Callable[[], Awaitable[Response]]:
-        async def hint() -> Response:
-            exc = GatewayError(f"{path} takes POST with a JSON body; see the OpenAI API reference", status=405,
-                               code="method_not_allowed")
-            return Response(exc.body(), status_code=405, media_type=JSON, headers={"allow": "POST"})
-        return hint
-
-    app.add_api_route("/v1/chat/completions", method_hint("/v1/chat/completions"), methods=["GET"])
-    app.add_api_route("/v1/embeddings", method_hint("/v1/embeddings"), methods=["GET"])
-
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         request_id = _request_id(request)
         obs = Observation("chat", request_id)
+        held = 0
         try:
-            body = parse_json(await read_body(request, body_limit))
-            parsed = validated(ChatRequest, body)
+            key = guard.admit(request, obs)
+            raw = await read_body(request, guard.body_limit, guard.budget, guard.body_timeout)
+            held = len(raw)
+            body = parse_json(raw, guard.max_nodes)
+            parsed = validated(ChatRequest, body, guard.context)
             route = router.resolve(parsed.model)
             if route is None:
                 raise ModelNotFound(parsed.model, router.names("chat"))
             if route.spec.is_embedding:
                 raise BadRequest(f"{parsed.model!r} is an embedding model; use /v1/embeddings", param="model")
+            guard.allow_model(key, route, parsed.model)
             obs.bind(route.name, route.engine)
             extras = state.extras[route.name]
+            policy = guard.policies[route.name]
+            enforce_policy(parsed.model_extra, parsed.n, policy)
             body["model"] = route.name
             apply_defaults(body, extras.defaults, extras.max_tokens)
-            if has_images(body["messages"]):
-                body["messages"] = await prepare_images(body["messages"], extras.image_limits, state.fetcher)
+            clamp_tokens(body, policy)
+            limits = extras.image_limits
+            if inspect_content(body["messages"], guard.part_types[route.name], limits.max_frames, guard.max_images):
+                body["messages"] = await prepare_images(body["messages"], limits, state.fetcher, guard.decoder)
+            await guard.slot(route, obs)
             stream = bool(parsed.stream)
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             call = ChatCall(route, body, obs, stream=stream, include_usage=include_usage)
@@ -193,15 +225,22 @@ def create_app(config: Config) -> HotPath:
         except GatewayError as exc:
             obs.finish(exc.status, exc.code or "")
             return _error(exc, request_id)
+        except Exception:
+            return _internal("/v1/chat/completions", request_id, obs)
+        finally:
+            guard.budget.give(held)
         response.headers["x-request-id"] = request_id
         return response
 
-    @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         request_id = _request_id(request)
         obs = Observation("embeddings", request_id)
+        held = 0
         try:
-            parsed = validated(EmbeddingRequest, parse_json(await read_body(request, body_limit)))
+            key = guard.admit(request, obs)
+            raw = await read_body(request, guard.body_limit, guard.budget, guard.body_timeout)
+            held = len(raw)
+            parsed = validated(EmbeddingRequest, parse_json(raw, guard.max_nodes))
             route = router.resolve(parsed.model)
             if route is None:
                 names = router.names("embedding")
@@ -212,8 +251,10 @@ def create_app(config: Config) -> HotPath:
                 raise ModelNotFound(parsed.model, names)
             if not route.spec.is_embedding:
                 raise BadRequest(f"{parsed.model!r} is a chat model; use /v1/chat/completions", param="model")
+            guard.allow_model(key, route, parsed.model)
             texts = _texts(parsed.input)
             obs.bind(route.name, route.engine)
+            await guard.slot(route, obs)
             if route.engine == "local":
                 embedder = state.embedders[route.name]
                 if embedder.model is None:
@@ -231,9 +272,17 @@ def create_app(config: Config) -> HotPath:
         except GatewayError as exc:
             obs.finish(exc.status, exc.code or "")
             return _error(exc, request_id)
+        except Exception:
+            return _internal("/v1/embeddings", request_id, obs)
+        finally:
+            guard.budget.give(held)
         obs.finish(200)
         return response
 
+    # Registered for routing (405 + Allow for other methods) and the OpenAPI description; HotPath serves POST.
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.openapi = lambda: describe(app, router)  # type: ignore[method-assign]
     return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings})
 
 

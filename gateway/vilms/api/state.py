@@ -56,7 +56,8 @@ class GatewayState:
                 max_tokens=params.get("max-tokens"),
                 image_limits=ImageLimits(max_frames=params.get("max-frames", serving["default-max-frames"]),
                                          max_side=params.get("max-image-side", serving["default-max-image-side"]),
-                                         max_pixels=media["max-pixels"]),
+                                         max_pixels=media["max-pixels"], max_bytes=media["max-bytes"],
+                                         formats=tuple(media["formats"])),
             )
         embedders = {}
         for name, route in router.routes.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -10,10 +11,11 @@ from typing import Any, AsyncIterator, Callable
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BackendTimeout, BackendUnavailable, GatewayError, from_backend_status
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, GatewayError, from_backend_status
 from ..observe import Observation
 from ..routing import Route
 
+log = logging.getLogger("vilms.gateway")
 PROBE_TIMEOUT = 2.0
 STREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -115,10 +117,21 @@ class Engine(ABC):
         except GatewayError as exc:
             call.obs.upstream_error("stream")
             status, note = exc.status, "stream_error"
+            partial = getattr(exc, "partial", b"")
+            if partial:
+                call.obs.chunk()
+                yield partial
             yield exc.sse()
         except STREAM_ERRORS as exc:
             call.obs.upstream_error("stream")
             failure = stream_failure(self.kind, exc)
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        except Exception:  # a bug or an engine reply of a shape nobody foresaw: still one error event
+            log.exception("stream relay failed", extra={"fields": {"request_id": call.obs.request_id,
+                                                                   "model": call.obs.model}})
+            call.obs.upstream_error("stream")
+            failure = BackendError(f"{self.kind} engine stream could not be relayed", code="engine_error")
             status, note = failure.status, "stream_error"
             yield failure.sse()
         finally:
@@ -155,12 +168,34 @@ class Engine(ABC):
             return False
 
 
-def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+class ObservedStream(StreamingResponse):
+    """A stream whose request is finished (and upstream closed) even if its body never started:
+    a client that disconnects before the first byte left the generator unstarted, so its `finally`
+    never ran and the running gauge and the backend slot leaked."""
+
+    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: aiohttp.ClientResponse):
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.obs, self.upstream = obs, upstream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.obs.done:
+                self.upstream.close()
+                self.obs.finish(499, "client_closed")
+
+
+def sse_response(body: AsyncIterator[bytes], call: ChatCall | None = None,
+                 upstream: aiohttp.ClientResponse | None = None) -> StreamingResponse:
+    if call is None or upstream is None:
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    return ObservedStream(body, call.obs, upstream)
 
 
 def stream_failure(kind: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
-        return BackendTimeout(f"{kind} engine went silent mid-stream", code="stream_timeout")
+        return BackendTimeout(f"{kind} engine stream timed out (silent for gateway.read-timeout, or longer than "
+                              "gateway.stream-timeout)", code="stream_timeout")
     return GatewayError(f"{kind} engine stream broke: {type(exc).__name__}", status=502, type="upstream_error",
                         code="stream_interrupted")

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from ..errors import BackendError, BadRequest, GatewayError
+from ..errors import BackendError, BadRequest, GatewayError, scrub
 from ..observe import Observation
 from ..routing import Route
 from .base import ChatCall, EmbedResult, Engine, sse_response
@@ -116,6 +116,38 @@ def _tool_calls(calls: list[dict[str, Any]], with_index: bool) -> list[dict[str,
     return out
 
 
+def _bad_shape(what: str) -> BackendError:
+    return BackendError(f"ollama engine sent {what}", code="engine_error")
+
+
+def checked_line(line: Any) -> dict[str, Any]:
+    """One reply object (a stream line or a whole answer), every field the translation reads type-checked:
+    an engine reply of the wrong shape is an engine error (502), never a crash in the gateway."""
+    if not isinstance(line, dict):
+        raise _bad_shape("a reply that is not a JSON object")
+    if "error" in line:
+        raise BackendError(f"ollama engine error: {scrub(str(line['error'])[:500])}", code="engine_error")
+    msg = line.get("message")
+    if msg is not None:
+        if not isinstance(msg, dict):
+            raise _bad_shape("a message that is not an object")
+        for key in ("content", "thinking"):
+            if msg.get(key) is not None and not isinstance(msg[key], str):
+                raise _bad_shape(f"a message {key} that is not a string")
+        calls = msg.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(c, dict) and isinstance(c.get("function", {}), dict)
+                and isinstance(c.get("function", {}).get("name", ""), str) for c in calls)):
+            raise _bad_shape("tool calls of an unknown shape")
+    for key in ("prompt_eval_count", "eval_count"):
+        value = line.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise _bad_shape(f"a {key} that is not an integer")
+    if line.get("done_reason") is not None and not isinstance(line["done_reason"], str):
+        raise _bad_shape("a done_reason that is not a string")
+    return line
+
+
 def _usage(line: dict[str, Any]) -> dict[str, int]:
     prompt, completion = int(line.get("prompt_eval_count") or 0), int(line.get("eval_count") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -139,16 +171,14 @@ class OllamaEngine(Engine):
             call.obs.finish(200)
             return Response(orjson.dumps(answer), media_type="application/json")
         upstream = await self.open_with_deadline(call.obs, urls, "/api/chat", payload)
-        return sse_response(self.relay(call, upstream, NdjsonToSse(call)))
+        return sse_response(self.relay(call, upstream, NdjsonToSse(call)), call, upstream)
 
     def _completion(self, call: ChatCall, raw: bytes) -> dict[str, Any]:
         try:
-            line = orjson.loads(raw)
-            if "error" in line:
-                raise BackendError(f"ollama engine error: {line['error']}")
-            msg = line.get("message") or {}
-        except (orjson.JSONDecodeError, AttributeError) as exc:
+            line = checked_line(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
             raise BackendError("ollama engine returned an answer of unknown shape") from exc
+        msg = line.get("message") or {}
         message: dict[str, Any] = {"role": "assistant", "content": msg.get("content", "")}
         if msg.get("thinking"):
             message["reasoning_content"] = msg["thinking"]
@@ -204,11 +234,12 @@ class NdjsonToSse:
             if not raw.strip():
                 continue
             try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise BackendError("ollama engine sent a line that is not JSON", code="engine_error") from exc
-            if "error" in line:
-                raise BackendError(f"ollama engine error: {line['error']}", code="engine_error")
+                line = checked_line(orjson.loads(raw))
+            except (orjson.JSONDecodeError, BackendError) as exc:
+                error = exc if isinstance(exc, BackendError) else BackendError(
+                    "ollama engine sent a line that is not JSON", code="engine_error")
+                error.partial = b"".join(out)  # events translated before the bad line still go out first
+                raise error from exc
             msg = line.get("message") or {}
             delta: dict[str, Any] = {}
             if self.first:

@@ -32,7 +32,7 @@ class OpenAICompatEngine(Engine):
             call.obs.finish(200)
             return Response(body, media_type="application/json")
         upstream = await self.open_with_deadline(call.obs, urls, "/v1/chat/completions", payload)
-        return sse_response(self.relay(call, upstream))
+        return sse_response(self.relay(call, upstream), call, upstream)
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
         request: dict = {"model": route.name, "input": inputs, "encoding_format": "float"}

@@ -1,0 +1,87 @@
+"""Everything a request passes before the gateway spends work on it: key, content type, body budget,
+operator caps, part types, and a slot at its backend. Built once per app from the config."""
+
+from __future__ import annotations
+
+import re
+from starlette.requests import Request
+
+from ..admission import BackendLimiter, BodyBudget
+from ..config import Config, ConfigError
+from ..errors import GatewayError
+from ..media import Decoder
+from ..observe import Observation
+from ..params import RequestPolicy, request_policy
+from ..routing import Route, Router
+from ..schema import ConfigIssue
+from ..security import ApiKey, KeyRing, key_entries
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def caller_request_id(value: str | None) -> str | None:
+    """A caller's x-request-id only when short and plain (it is echoed and logged); else None."""
+    return value if value is not None and _PLAIN_ID.fullmatch(value) else None
+
+
+class Guard:
+    def __init__(self, config: Config, router: Router):
+        gw, media = config.gateway, config.media
+        try:
+            self.keys = KeyRing(key_entries(gw), router.resolve, bool(gw["allow-anonymous"]))
+        except ValueError as exc:  # the message never quotes a key
+            raise ConfigError([ConfigIssue("/gateway/api-keys", str(exc))]) from None
+        self.budget = BodyBudget(gw["max-inflight-body-bytes"])
+        self.body_limit = gw["max-request-bytes"]
+        self.body_timeout = float(gw["body-timeout"])
+        self.max_nodes = gw["max-json-nodes"]
+        self.context = {"max_parts": media["max-parts-per-message"]}
+        self.max_images = media["max-images"]
+        self.decoder = Decoder(media["decode-concurrency"])
+        self.policies: dict[str, RequestPolicy] = {}
+        self.part_types: dict[str, frozenset[str]] = {}
+        self.limiters: dict[str, BackendLimiter] = {}
+        shared: dict[tuple[str, tuple[str, ...]], BackendLimiter] = {}
+        for name, route in router.routes.items():
+            self.policies[name] = request_policy(route.spec.params, route.engine, gw)
+            self.part_types[name] = frozenset(media["part-types"].get(route.engine, ("text", "image_url")))
+            if route.engine == "local":
+                continue
+            backend = (route.engine, route.base_urls)
+            if backend not in shared:  # one limiter per engine service, shared by the models it serves
+                shared[backend] = BackendLimiter(f"{route.engine}:{name}", gw["backend-concurrency"],
+                                                 gw["backend-queue"], gw["queue-timeout"])
+            self.limiters[name] = shared[backend]
+
+    def admit(self, request: Request, obs: Observation) -> ApiKey | None:
+        """Key first (nothing else is told to a stranger), then its rate and concurrency, then content type."""
+        key = self.keys.authenticate(request.headers.get("authorization"))
+        if key is not None:
+            obs.key = key.name
+            key.take_request()
+            key.enter()
+            obs.on_finish(key.leave)
+        content_type = request.headers.get("content-type", "")
+        if not content_type[:16].lower() == "application/json":
+            raise GatewayError("send the body as JSON with 'Content-Type: application/json'", status=415,
+                               code="unsupported_media_type")
+        return key
+
+    def allow_model(self, key: ApiKey | None, route: Route, asked: str) -> None:
+        if key is not None and not key.allows(route.name):
+            raise GatewayError(f"this API key may not use model {asked!r}", status=403, type="permission_error",
+                               code="model_not_allowed", param="model")
+
+    async def slot(self, route: Route, obs: Observation) -> None:
+        """Wait (bounded) for a slot at the route's backend; released when the observation finishes."""
+        limiter = self.limiters.get(route.name)
+        if limiter is not None:
+            await limiter.acquire()
+            obs.on_finish(limiter.release)
+
+    def authorize_read(self, request: Request) -> ApiKey | None:
+        """For GET routes that need a key when keys are configured (/v1/models, /metrics)."""
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    def close(self) -> None:
+        self.decoder.close()

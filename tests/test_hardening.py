@@ -1,0 +1,252 @@
+"""Issue #15's attacks, each reproduced against the gateway over real HTTP with stand-in engines.
+
+Every test here failed on the code before the hardening (see the issue for the numbers) and passes after.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import yaml
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support import ROOT, ThreadedServer, free_port, gateway, mock_backend, subprocess_server
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def openai_config(url: str, params: dict | None = None, **gateway_settings) -> dict:
+    return {"serving": {"engine": "openai", "base-url": url,
+                        "models": [{"name": "mock", "type": "vlm", "engine": "openai", "aliases": ["LLM"], "params": params or {}}]},
+            "gateway": gateway_settings}
+
+
+def ollama_config(url: str, params: dict | None = None) -> dict:
+    return {"host": {"platform": "js"},
+            "serving": {"engine": "ollama", "ollama-base-url": url,
+                        "models": [{"name": "qwen2.5vl:3b", "type": "vlm", "aliases": ["VLM"], "params": params or {}},
+                                   {"name": "nomic-embed-text", "type": "embedding", "engine": "ollama"}]}}
+
+
+def assert_envelope(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def running_gauge(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m) for m in re.findall(r"^vilms:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+
+
+def counted(url: str, status: str, model: str = "qwen2.5vl:3b", route: str = "chat") -> float:
+    """vilms:requests_total for one model and status (the registry is process-wide: compare before/after)."""
+    text = httpx.get(url + "/metrics").text
+    pattern = rf'^vilms:requests_total\{{[^}}]*model="{re.escape(model)}",route="{route}",status="{status}"\}} (\S+)$'
+    return sum(float(m) for m in re.findall(pattern, text, re.M))
+
+
+def png(size=(16, 16), fmt="PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, "red").save(out, fmt)
+    return out.getvalue()
+
+
+def data_url(raw: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def user(parts) -> dict:
+    return {"role": "user", "content": parts}
+
+
+@pytest.fixture()
+def backend():
+    with mock_backend(tokens=2) as server:
+        yield server
+
+
+# --- 1. one small request must not freeze the event loop --------------------------------------------------------
+
+def test_80000_empty_image_parts_refused_fast_and_health_check_never_stalls(backend, tmp_path):
+    """The quadratic media scan: a 1.7 MB body of empty image_url parts stalled the loop for 26 s."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(openai_config(backend.url)))
+    port = free_port()
+    args = [sys.executable, "-m", "vilms", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "gateway"), str(ROOT)])}
+    body = orjson.dumps({"model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": ""}}] * 80_000)]})
+    assert len(body) > 1_500_000
+    with subprocess_server(args, "/health_check", port, env=env) as url:
+        lags: list[float] = []
+        stop = threading.Event()
+
+        def probe() -> None:  # a second client, on its own connection, during the attack
+            with httpx.Client(base_url=url, timeout=10) as client:
+                client.get("/health_check")
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    assert client.get("/health_check").status_code == 200
+                    lags.append(time.perf_counter() - started)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            started = time.perf_counter()
+            response = httpx.post(url + "/v1/chat/completions", content=body, headers=JSON_HEADERS, timeout=5)
+            elapsed = time.perf_counter() - started
+        finally:
+            stop.set()
+            prober.join()
+    assert 400 <= response.status_code < 500, response.text
+    assert elapsed < 1.0, elapsed
+    assert lags and max(lags) < 0.05, f"health_check delayed {max(lags) * 1000:.0f} ms"
+    assert backend.backend.stats["requests"] == 0
+
+
+# --- 2. part types the guard does not inspect never reach an engine ---------------------------------------------
+
+@pytest.mark.parametrize("part", [
+    {"type": "input_image", "image_url": "http://127.0.0.1:1/secret.png"},
+    {"type": "video_url", "video_url": {"url": "http://127.0.0.1:1/secret.mp4"}},
+    {"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:1/secret.wav"}},
+])
+def test_bypass_part_types_are_400_naming_the_part(backend, part):
+    with gateway(openai_config(backend.url)) as gw:
+        response = httpx.post(gw.url + "/v1/chat/completions", json={
+            "model": "LLM", "messages": [user([{"type": "text", "text": "look"}, part])]})
+        error = assert_envelope(response, 400)
+        assert error["param"] == "messages[0].content[1]" and part["type"] in error["message"]
+        assert running_gauge(gw.url) == 0
+    assert backend.backend.stats["requests"] == 0
+
+
+# --- 3. decode limits -------------------------------------------------------------------------------------------
+
+def test_total_images_per_request_is_capped_across_messages(backend):
+    """max-frames samples per message; the total over all messages has its own cap, checked before decoding."""
+    config = openai_config(backend.url, params={"max-frames": 2})
+    config["media"] = {"max-images": 4}
+    messages = [user([{"type": "image_url", "image_url": {"url": data_url(png())}}] * 2) for _ in range(3)]
+    with gateway(config) as gw:
+        error = assert_envelope(httpx.post(gw.url + "/v1/chat/completions", json={"model": "LLM", "messages": messages}), 400)
+        assert "images" in error["message"] and error["code"] == "too_many_images"
+        ok = httpx.post(gw.url + "/v1/chat/completions", json={"model": "LLM", "messages": messages[:2]})
+        assert ok.status_code == 200
+    assert backend.backend.stats["requests"] == 1
+
+
+def test_image_bytes_and_decoder_formats_are_limited(backend):
+    config = openai_config(backend.url)
+    config["media"] = {"max-bytes": 4096}
+    noisy = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3)).save(noisy, "PNG")
+    with gateway(config) as gw:
+        too_big = httpx.post(gw.url + "/v1/chat/completions", json={
+            "model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": data_url(noisy.getvalue())}}])]})
+        assert "bytes" in assert_envelope(too_big, 400)["message"]
+        for fmt, mime in (("BMP", "image/bmp"), ("TIFF", "image/tiff"), ("PCX", "image/x-pcx")):
+            response = httpx.post(gw.url + "/v1/chat/completions", json={
+                "model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": data_url(png(fmt=fmt), mime)}}])]})
+            assert assert_envelope(response, 400)["code"] == "invalid_image", fmt
+        for fmt in ("JPEG", "PNG", "WEBP", "GIF"):
+            response = httpx.post(gw.url + "/v1/chat/completions", json={
+                "model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": data_url(png(fmt=fmt))}}])]})
+            assert response.status_code == 200, (fmt, response.text)
+
+
+# --- 6. wrong types are 400s, and the running gauge comes back to 0 ---------------------------------------------
+
+WRONG_TYPES = [
+    {"response_format": "json"},
+    {"response_format": {"type": 5}},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": 1}]}]},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{}]}]},
+    {"messages": [user([{"type": "text", "text": 5}])]},
+    {"messages": [user([{"type": "text"}])]},
+    {"messages": [user([{"type": "image_url", "image_url": 7}])]},
+    {"tools": [{"type": "function"}]},
+    {"top_p": False},
+    {"temperature": "0.5"},
+    {"stream": "false"},
+    {"max_tokens": 1.5},
+    {"stop": [1, 2]},
+    {"reasoning_effort": ["high"]},
+]
+
+
+@pytest.mark.parametrize("change", WRONG_TYPES, ids=[orjson.dumps(c).decode()[:40] for c in WRONG_TYPES])
+def test_wrong_types_are_400_and_nothing_reaches_ollama(ollama_standin, change):
+    with gateway(ollama_config(ollama_standin.url)) as gw:
+        body = {"model": "VLM", "messages": [user("hi")], **change}
+        assert_envelope(httpx.post(gw.url + "/v1/chat/completions", json=body), 400)
+        assert running_gauge(gw.url) == 0
+    assert [kind for kind, _ in ollama_standin.state["requests"]] == []
+
+
+def test_embedding_dimensions_true_is_400(ollama_standin):
+    with gateway(ollama_config(ollama_standin.url)) as gw:
+        for bad in ({"dimensions": True}, {"encoding_format": "hex"}, {"input": [1.5]}):
+            body = {"model": "nomic-embed-text", "input": "hi", **bad}
+            assert_envelope(httpx.post(gw.url + "/v1/embeddings", json=body), 400)
+    assert ollama_standin.state["requests"] == []
+
+
+def test_the_validated_body_is_what_reaches_the_engine(backend):
+    with gateway(openai_config(backend.url)) as gw:
+        response = httpx.post(gw.url + "/v1/chat/completions", json={
+            "model": "LLM", "messages": [user("hi")], "stream": False, "temperature": 1})
+        assert response.status_code == 200
+    sent = backend.backend.last_request
+    assert sent["stream"] is False and sent["model"] == "mock"
+
+
+# --- malformed upstream lines -----------------------------------------------------------------------------------
+
+def broken_ollama(lines: list[bytes]) -> Starlette:
+    async def chat(request: Request) -> Response:
+        async def body():
+            for line in lines:
+                yield line
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    async def version(request: Request) -> Response:
+        return Response(b'{"version":"x"}', media_type="application/json")
+
+    return Starlette(routes=[Route("/api/chat", chat, methods=["POST"]), Route("/api/version", version)])
+
+
+GOOD_LINE = b'{"message":{"role":"assistant","content":"one "},"done":false}\n'
+
+
+@pytest.mark.parametrize("bad", [b"[1, 2]\n", b'{"message": "text"}\n', b'{"message": {"content": 5}}\n', b"not json\n",
+                                 b'"just a string"\n', b'{"done": true, "eval_count": "many"}\n'])
+def test_malformed_ndjson_line_is_an_sse_error_and_counted_as_failed(bad):
+    with ThreadedServer(broken_ollama([GOOD_LINE, bad, GOOD_LINE])) as engine:
+        with gateway(ollama_config(engine.url)) as gw:
+            before_502, before_200 = counted(gw.url, "502"), counted(gw.url, "200")
+            with httpx.stream("POST", gw.url + "/v1/chat/completions",
+                              json={"model": "VLM", "stream": True, "messages": [user("hi")]}) as response:
+                assert response.status_code == 200
+                events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+            assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "one "
+            error = orjson.loads(events[-1])["error"]
+            assert error["type"] == "upstream_error" and error["code"] == "engine_error"
+            assert counted(gw.url, "502") == before_502 + 1 and counted(gw.url, "200") == before_200
+            assert running_gauge(gw.url) == 0
