@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from ..config import Config
-from ..embeddings.local import LocalEmbedder
+from ..embeddings.build import Embedder, build_embedders
 from ..engines import Engine, build_engines
 from ..fetch import ImageFetcher
 from ..http import make_session
@@ -36,7 +36,7 @@ class GatewayState:
     config: Config
     router: Router
     fetcher: ImageFetcher
-    embedders: dict[str, LocalEmbedder]
+    embedders: dict[str, Embedder]
     extras: dict[str, RouteExtras]
     started: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
@@ -45,7 +45,7 @@ class GatewayState:
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
         router = Router(config)
-        serving, media, emb = config.serving, config.media, config.embedding
+        serving, media = config.serving, config.media
         extras = {}
         for name, route in router.routes.items():
             params = route.spec.params
@@ -56,14 +56,7 @@ class GatewayState:
                                          max_side=params.get("max-image-side", serving["default-max-image-side"]),
                                          max_pixels=media["max-pixels"]),
             )
-        embedders = {}
-        for name, route in router.routes.items():
-            if route.spec.is_embedding and route.engine == "local":
-                embedders[name] = LocalEmbedder(name, route.spec.path or route.spec.name, device=emb["device"],
-                                                trust_remote_code=route.spec.trust_remote_code,
-                                                max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"],
-                                                batching=emb["batching"])
-        return cls(config, router, ImageFetcher(media), embedders, extras)
+        return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras)
 
     async def start(self) -> None:
         # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.
@@ -101,5 +94,5 @@ class GatewayState:
                     for (engine, routes, _), ok in zip(checks, results)]
         for name, embedder in self.embedders.items():
             lazy = self.config.embedding["load"] == "lazy"
-            backends.append({"engine": "local", "models": [name], "ready": embedder.model is not None or lazy})
+            backends.append({"engine": "local", "models": [name], "ready": embedder.ready or lazy})
         return {"status": "ready" if any(b["ready"] for b in backends) else "unavailable", "backends": backends}
