@@ -94,5 +94,6 @@ class GatewayState:
                     for (engine, routes, _), ok in zip(checks, results)]
         for name, embedder in self.embedders.items():
             lazy = self.config.embedding["load"] == "lazy"
-            backends.append({"engine": "local", "models": [name], "ready": embedder.ready or lazy})
+            backends.append({"engine": "local", "models": [name], "ready": embedder.ready or lazy,
+                             "encoder": embedder.kind})
         return {"status": "ready" if any(b["ready"] for b in backends) else "unavailable", "backends": backends}

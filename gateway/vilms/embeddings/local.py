@@ -18,6 +18,8 @@ from .encoder import SentenceEncoder
 
 
 class LocalEmbedder:
+    kind = "in-process"
+
     def __init__(self, name: str, source: str, *, device: str = "cpu", trust_remote_code: bool = False,
                  max_batch: int = 64, max_wait_ms: float = 2.0, batching: bool = True):
         self.name = name

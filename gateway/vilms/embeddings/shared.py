@@ -169,6 +169,8 @@ class EncoderClient:
 class SharedEmbedder:
     """A gateway worker's handle on one model served by the shared encoder process (same interface as LocalEmbedder)."""
 
+    kind = "shared"
+
     def __init__(self, name: str, client: EncoderClient):
         self.name = name
         self.client = client
