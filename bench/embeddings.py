@@ -117,18 +117,67 @@ def measure_target(model: Any, name: str, repeat: int, profile: float = 0.0) -> 
     return row
 
 
+CATEGORIES = [  # first match from the innermost frame outwards names the sample
+    ("tokenizer", ("tokenizers", "tokenization_utils", "_features", "preprocess (sentence_transformers")),
+    ("model forward", ("torch/nn/", "transformers/models", "sentence_transformers/base/modules")),
+    ("response JSON / base64", ("embedding_body", "_embedding_response", "_base64_body", "orjson")),
+    ("request parse + validate", ("parse_json", "validated", "read_body", "texts_from_input", "_texts (", "pydantic")),
+    ("batcher + encoder glue", ("batcher.py", "local.py", "encoder.py", "shared.py", "sentence_transformers")),
+    ("HTTP server (uvicorn, starlette)", ("uvicorn", "httptools", "starlette", "fastapi")),
+    ("event loop", ("asyncio", "uvloop", "concurrent/futures", "threading.py")),
+]
+
+
+IDLE = {"Condition.wait", "Event.wait", "_worker", "Runner.run", "asyncio_run", "Server.run", "run_forever",
+        "select", "Thread._bootstrap_inner", "BaseEventLoop.run_forever"}
+
+
 def _profile(proc: Proc, name: str, seconds: float, endpoint: str, bodies: list[bytes]) -> None:
-    """py-spy over every process of the gateway while the case repeats for `seconds` (svg + raw text)."""
-    out = RESULTS / f"profile-{name}"
-    spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-                               "--nonblocking", "--format", fmt, "--output", f"{out}-{pid}.{ext}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for pid in proc.pids() for fmt, ext in (("raw", "txt"),)]
-    deadline = time.monotonic() + seconds
+    """py-spy over every process of the gateway while the case repeats for `seconds`; writes a category summary."""
+    out = RESULTS / "raw" / f"profile-{name}"
+    pids = proc.pids()
+    spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
+                               "--format", "raw", "--output", f"{out}-{pid}.txt"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
+    time.sleep(1.0)  # let py-spy attach
+    sent, deadline = 0, time.monotonic() + seconds - 1.5
     while time.monotonic() < deadline:
         asyncio.run(_fire(endpoint, bodies, 1))
+        sent += len(bodies) + 8
     for spy in spies:
-        spy.wait(60)
+        spy.wait(120)
+    samples: dict[str, int] = {}
+    for pid in pids:
+        path = Path(f"{out}-{pid}.txt")
+        if path.exists():
+            for category, count in _categorise(path.read_text()).items():
+                samples[category] = samples.get(category, 0) + count
+    total = sum(samples.values()) or 1
+    summary = {"sentences": sent, "seconds": seconds, "rate_hz": 250,
+               "ms_per_sentence": {k: round(v / 250 / sent * 1000, 3) for k, v in sorted(samples.items(), key=lambda kv: -kv[1])},
+               "share": {k: round(v / total, 3) for k, v in samples.items()}}
+    (RESULTS / f"profile-{name}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
+
+
+def _categorise(raw: str) -> dict[str, int]:
+    """Samples per category from py-spy's raw (collapsed stack) output."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not number.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].split(" (")[0] in IDLE:  # a thread parked in a wait or the loop's C poll: not work
+            continue
+        category = "other"
+        for frame in reversed(frames):
+            match = next((c for c, keys in CATEGORIES if any(k in frame for k in keys)), None)
+            if match:
+                category = match
+                break
+        counts[category] = counts.get(category, 0) + int(number)
+    return counts
 
 
 def _sweep_target(name: str) -> tuple[int, dict[str, Any]]:
