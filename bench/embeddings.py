@@ -180,6 +180,23 @@ def _categorise(raw: str) -> dict[str, int]:
     return counts
 
 
+def run_targets(names: list[str], repeat: int, profile: float = 0.0, model: Any = None) -> dict[str, Any]:
+    """Each named gateway measured in turn (ratios against direct encodes taken just before each case)."""
+    if model is None:
+        from sentence_transformers import SentenceTransformer
+
+        (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
+        model = SentenceTransformer(minilm_path(), device="cpu")
+        model.encode(sentences(64))
+    targets = {}
+    for name in names:
+        print(f"  {name} ...", flush=True)
+        targets[name] = measure_target(model, name, repeat, profile)
+        targets[name]["load"] = round(os.getloadavg()[0], 2)
+        print("  " + json.dumps(targets[name]), flush=True)
+    return targets
+
+
 def _sweep_target(name: str) -> tuple[int, dict[str, Any]]:
     _, size, wait = name.split("-")  # sweep-<size>-<wait>
     return 1, {"max-batch-size": int(size), "max-wait-ms": float(wait)}
@@ -188,12 +205,13 @@ def _sweep_target(name: str) -> tuple[int, dict[str, Any]]:
 def table(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [f"Machine: {meta['machine']}; {meta['date']}; best of {meta['repeat']}; load before: {meta['load']}.", "",
-             "| run | target | 64 concurrent s/s (vs direct) | 256 concurrent s/s (vs direct) | one request, 256 inputs s/s (vs direct) | RSS loaded / peak MB |",
-             "|---|---|---|---|---|---|"]
+             "| run | target | 64 concurrent s/s (vs direct) | 256 concurrent s/s (vs direct) | one request, 256 inputs s/s (vs direct) | RSS loaded / peak MB | load (1 min) |",
+             "|---|---|---|---|---|---|---|"]
     for run, targets in enumerate(results["runs"], 1):
         for name, row in targets.items():
             cells = [f"{row[k]['gateway_sps']} ({row[k]['ratio']:.2f})" for k in ("c64", "c256", "one256")]
-            lines.append(f"| {run} | {name} | {' | '.join(cells)} | {row['rss_loaded_mb']} / {row['rss_peak_mb']} |")
+            lines.append(f"| {run} | {name} | {' | '.join(cells)} | {row['rss_loaded_mb']} / {row['rss_peak_mb']} | "
+                         f"{row.get('load', '-')} |")
     lines += ["", "| target | 64 concurrent | 256 concurrent | one request, 256 inputs |", "|---|---|---|---|"]
     for name in results["runs"][0]:
         spread = []
@@ -226,12 +244,8 @@ def main() -> None:
             "repeat": args.repeat, "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     results: dict[str, Any] = {"meta": meta, "runs": []}
     for run in range(args.runs):
-        targets = {}
-        for name in names:
-            print(f"run {run + 1}: {name} ...", flush=True)
-            targets[name] = measure_target(model, name, args.repeat, args.profile)
-            print(json.dumps(targets[name]), flush=True)
-        results["runs"].append(targets)
+        print(f"run {run + 1} (load {os.getloadavg()[0]:.2f})", flush=True)
+        results["runs"].append(run_targets(names, args.repeat, args.profile, model))
     meta["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stem}.json").write_text(json.dumps(results, indent=2))

@@ -278,3 +278,12 @@ def test_two_workers_share_one_encoder_process(tmp_path, minilm):
     assert all(b == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": True, "encoder": "shared"}]
                for b in readiness)
 
+
+
+def test_unreachable_shared_encoder_is_a_clear_503_and_not_ready(tmp_path, monkeypatch):
+    monkeypatch.setenv("VILMS_ENCODER_SOCKET", str(tmp_path / "missing.sock"))
+    with gateway(emb_config()) as server:
+        response = embed(server, model="Embedding", input="x")
+        local = [b for b in httpx.get(server.url + "/health/ready").json()["backends"] if b["engine"] == "local"]
+    assert response.status_code == 503 and response.json()["error"]["code"] == "embedding_model_unavailable"
+    assert local == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": False, "encoder": "shared"}]

@@ -111,8 +111,9 @@ class EncoderClient:
                 return
             try:
                 reader, self._writer = await asyncio.open_unix_connection(self.path)
-            except OSError as exc:
-                raise _unavailable(f"the embedding encoder process is not reachable at {self.path}: {exc}") from exc
+            except OSError as exc:  # the path stays in the log, not in the client's error
+                log.error("embedding encoder unreachable", extra={"fields": {"socket": self.path, "error": str(exc)}})
+                raise _unavailable("the embedding encoder process is not reachable") from exc
             self._reader_task = asyncio.create_task(self._read(reader), name="embed-encoder-client")
             hello = await self._call(b'["",[]]')
             self.dimensions = orjson.loads(hello[1])
