@@ -206,53 +206,11 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
             p.stop()
 
 
-async def _concurrent_embeds(url: str, sentences: list[str]) -> float:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        async def one(s: str) -> None:
-            async with session.post(url, json={"model": "minilm", "input": s}) as r:
-                assert r.status == 200, await r.text()
-                await r.read()
-        await one("warm up")
-        started = time.perf_counter()
-        await asyncio.gather(*(one(s) for s in sentences))
-        return time.perf_counter() - started
-
-
-def _timed(work) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
-
-
 def run_embeddings(args: argparse.Namespace) -> dict[str, Any]:
-    from sentence_transformers import SentenceTransformer
+    """The embeddings section: bench/embeddings.py's cases for the default gateway and with batching off."""
+    from bench.embeddings import run_targets
 
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    out: dict[str, Any] = {}
-    for batching in (True, False):
-        port = free_port()
-        cfg = RESULTS / "raw" / f"vilms-emb-{batching}.yaml"
-        cfg.write_text(yaml.safe_dump({"serving": {"models": []}, "gateway": {"host": "127.0.0.1", "log-level": "warning"},
-                                       "embedding": {"enabled": True, "model": "minilm", "path": minilm_path(),
-                                                     "batching": batching, "max-batch-size": 256}}))
-        proc = Proc(f"vilms-emb-{batching}", [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(port)])
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health/ready", 120, proc.proc)
-            for n in (64, 256):
-                sentences = [f"Sentence {i} about Jetson boards and GPU servers." for i in range(n)]
-                model.encode(sentences[:8])
-                direct = min(_timed(lambda: model.encode(sentences, batch_size=256)) for _ in range(3))
-                url = f"http://127.0.0.1:{port}/v1/embeddings"
-                took = min(asyncio.run(_concurrent_embeds(url, sentences)) for _ in range(3))
-                key = f"n{n}"
-                row = out.setdefault(key, {})
-                row["direct_sentences_per_s"] = max(row.get("direct_sentences_per_s", 0), round(n / direct, 1))
-                row[f"gateway_{'batched' if batching else 'unbatched'}_sentences_per_s"] = round(n / took, 1)
-        finally:
-            proc.stop()
-    for row in out.values():
-        row["batched_vs_direct"] = round(row["gateway_batched_sentences_per_s"] / row["direct_sentences_per_s"], 3)
-    return out
+    return run_targets(["1w", "1w-unbatched"], repeat=1 if args.quick else 3)
 
 
 def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -273,11 +231,11 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{vs_direct:.2f} | {vs_lite} | {r['stream']['ttft_p50_ms']:.2f} ({ttft_added:+.2f}) | "
                      f"{r['stream']['events']} | {rss} |")
     if "embeddings" in results:
-        lines += ["", "| embeddings, concurrent 1-sentence requests | direct encode() s/s | gateway batched s/s | gateway unbatched s/s | batched vs direct |",
-                  "|---|---|---|---|---|"]
-        for key, row in results["embeddings"].items():
-            lines.append(f"| {key[1:]} | {row['direct_sentences_per_s']} | {row['gateway_batched_sentences_per_s']} | "
-                         f"{row['gateway_unbatched_sentences_per_s']} | {row['batched_vs_direct']} |")
+        lines += ["", "| embeddings (sentences/s, vs direct encode()) | 64 concurrent 1-sentence requests | 256 concurrent | one request, 256 inputs |",
+                  "|---|---|---|---|"]
+        for name, row in results["embeddings"].items():
+            cells = [f"{row[k]['gateway_sps']} ({row[k]['ratio']:.2f})" for k in ("c64", "c256", "one256")]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

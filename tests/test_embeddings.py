@@ -5,16 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import sys
 import time
 
 import httpx
 import numpy as np
 import openai
+import orjson
 import pytest
+import yaml
 from openai.types import CreateEmbeddingResponse
 
 from devkit.mock_backend import MockBackend
-from tests.support import ThreadedServer, gateway, minilm_path
+from tests.support import ThreadedServer, free_port, gateway, minilm_path, subprocess_server
+from vilms.config import build_config
+from vilms.embeddings.build import batch_settings
+from vilms.embeddings.encoder import SentenceEncoder
+from vilms.embeddings.response import embedding_body
 
 pytestmark = pytest.mark.embeddings
 
@@ -160,3 +167,123 @@ def test_llama_cpp_embeddings_through_gateway(llama_url):
     with gateway(config) as gw:
         parsed = CreateEmbeddingResponse.model_validate(embed(gw, model="tiny-llm", input=["hi", "there"]).json())
     assert len(parsed.data) == 2 and len(parsed.data[0].embedding) == 64
+
+
+def _tokens(minilm, text: str) -> int:
+    """The tokenizer's own count for `text`, truncated as the model truncates it."""
+    return len(minilm.tokenizer(text, truncation=True, max_length=minilm.max_seq_length)["input_ids"])
+
+
+MIXED = ["hi", "A cat is sleeping on the sofa.", "word " * 400, "Xin chào, thế giới!", "GPUs " * 30]
+
+
+def test_token_counts_equal_the_tokenizers_own_count_per_input(gw, minilm):
+    for text in MIXED:  # includes one input longer than max_seq_length (truncated: counted as the model read it)
+        usage = embed(gw, model="Embedding", input=[text]).json()["usage"]
+        assert usage["prompt_tokens"] == usage["total_tokens"] == _tokens(minilm, text), text[:20]
+    assert embed(gw, model="Embedding", input=MIXED).json()["usage"]["prompt_tokens"] == sum(_tokens(minilm, t) for t in MIXED)
+
+
+def test_encoder_tokenizes_once_and_matches_direct_encode(minilm):
+    encoder = SentenceEncoder("m", minilm_path(), chunk=2)  # several length-sorted chunks, scattered back in order
+    encoder.load()
+    vectors, counts = encoder.encode(MIXED)
+    assert vectors.dtype == np.dtype("<f4") and vectors.flags["C_CONTIGUOUS"] and vectors.shape == (5, 384)
+    assert np.allclose(vectors, minilm.encode(MIXED), atol=1e-4)
+    assert counts.tolist() == [_tokens(minilm, t) for t in MIXED]
+
+
+def test_matryoshka_dimensions_shorten_and_renormalise(minilm):
+    with gateway(emb_config(matryoshka=True)) as server:
+        full = embed(server, model="Embedding", input=MIXED[:3]).json()["data"]
+        short = CreateEmbeddingResponse.model_validate(embed(server, model="Embedding", input=MIXED[:3], dimensions=100).json())
+        b64 = embed(server, model="Embedding", input=MIXED[:3], dimensions=100, encoding_format="base64").json()["data"]
+        too_big = embed(server, model="Embedding", input="x", dimensions=385)
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "dimensions"
+    for f, s, b in zip(full, short.data, b64):
+        head = np.array(f["embedding"][:100])
+        assert len(s.embedding) == 100
+        assert np.allclose(s.embedding, head / np.linalg.norm(head), atol=1e-5)
+        # 100 floats = 400 bytes, not a multiple of 3: the per-row base64 path
+        assert np.allclose(np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4"), s.embedding, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,dims", [(1, 1), (3, 2), (4, 3), (2, 384), (5, 100), (7, 5)])
+def test_response_bytes_mean_what_the_plain_python_response_meant(rows, dims):
+    vectors = np.random.default_rng(rows * dims).standard_normal((rows, dims)).astype(np.float32)
+    for encoding in ("float", "base64"):
+        body = orjson.loads(embedding_body('name "quoted"', vectors, 42, encoding))
+        if encoding == "base64":  # what the openai client does with a base64 answer before validating it
+            for d in body["data"]:
+                d["embedding"] = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist()
+        got = CreateEmbeddingResponse.model_validate(body)
+        assert got.model == 'name "quoted"' and got.usage.prompt_tokens == got.usage.total_tokens == 42
+        assert [d.index for d in got.data] == list(range(rows)) and {d.object for d in got.data} == {"embedding"}
+        for d, row in zip(got.data, vectors):
+            assert np.array_equal(np.array(d.embedding, dtype=np.float32), row)  # float32 round-trips exactly
+
+
+def test_order_of_rows_under_batching_with_mixed_request_sizes(gw, minilm):
+    groups = [SENTENCES[i:i + k] for i, k in zip(range(0, 60, 6), [1, 3, 6, 2, 5, 1, 4, 6, 2, 3])]
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            responses = await asyncio.gather(*(client.post("/v1/embeddings", json={"model": "Embedding", "input": g})
+                                               for g in groups))
+        return [r.json() for r in responses]
+
+    direct = {s: v for s, v in zip(SENTENCES, minilm.encode(SENTENCES))}
+    for group, body in zip(groups, asyncio.run(run())):
+        assert [d["index"] for d in body["data"]] == list(range(len(group)))
+        assert np.allclose([d["embedding"] for d in body["data"]], [direct[s] for s in group], atol=1e-4)
+        assert body["usage"]["prompt_tokens"] == sum(_tokens(minilm, s) for s in group)
+
+
+def test_batch_defaults_follow_the_device_and_explicit_values_win():
+    def settings(**emb):
+        return batch_settings(build_config({"serving": {"models": []},
+                                            "embedding": {"enabled": True, "model": "m", **emb}}).embedding)
+    cpu, cuda = settings(), settings(device="cuda:1")
+    assert (cpu.max_batch, cpu.max_wait_ms) != (cuda.max_batch, cuda.max_wait_ms)
+    assert settings(device="cuda", **{"max-batch-size": 7, "max-wait-ms": 0}).max_batch == 7
+    assert settings(device="cuda", **{"max-wait-ms": 0}).max_wait_ms == 0
+    assert settings(**{"batch-defaults": {"cpu": {"max-batch-size": 9, "max-wait-ms": 1}}}).max_batch == 9
+
+
+def test_two_workers_share_one_encoder_process(tmp_path, minilm):
+    """`vilms serve --workers 2`: both workers feed one encoder process; rows, order, tokens, base64 all hold."""
+    port = free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(yaml.safe_dump({**emb_config(), "gateway": {"workers": 2, "log-level": "warning"}}))
+    args = [sys.executable, "-m", "vilms", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    groups = [SENTENCES[i:i + 1 + i % 4] for i in range(0, 64, 2)]
+
+    async def run(url: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            responses = await asyncio.gather(*(client.post("/v1/embeddings", json={"model": "Embedding", "input": g})
+                                               for g in groups))
+        return [r.json() for r in responses]
+
+    with subprocess_server(args, "/health/ready", port, timeout=180) as url:
+        bodies = asyncio.run(run(url))
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        via_client = client.embeddings.create(model="Embedding", input=MIXED)  # base64 on the wire
+        readiness = [[b for b in httpx.get(url + "/health/ready").json()["backends"] if b["engine"] == "local"]
+                     for _ in range(8)]
+    direct = {s: v for s, v in zip(SENTENCES, minilm.encode(SENTENCES))}
+    for group, body in zip(groups, bodies):
+        assert np.allclose([d["embedding"] for d in body["data"]], [direct[s] for s in group], atol=1e-4)
+        assert body["usage"]["prompt_tokens"] == sum(_tokens(minilm, s) for s in group)
+    assert np.allclose([d.embedding for d in via_client.data], minilm.encode(MIXED), atol=1e-4)
+    assert all(b == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": True, "encoder": "shared"}]
+               for b in readiness)
+
+
+
+def test_unreachable_shared_encoder_is_a_clear_503_and_not_ready(tmp_path, monkeypatch):
+    monkeypatch.setenv("VILMS_ENCODER_SOCKET", str(tmp_path / "missing.sock"))
+    with gateway(emb_config()) as server:
+        response = embed(server, model="Embedding", input="x")
+        local = [b for b in httpx.get(server.url + "/health/ready").json()["backends"] if b["engine"] == "local"]
+    assert response.status_code == 503 and response.json()["error"]["code"] == "embedding_model_unavailable"
+    assert local == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": False, "encoder": "shared"}]

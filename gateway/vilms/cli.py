@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .config import load_config
+    from .embeddings.shared import shared_encoder
     from .observe import setup_logging
 
     path = args.config or os.environ.get(CONFIG_ENV)
@@ -79,9 +80,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[CONFIG_ENV] = os.path.abspath(path)
     if args.log_format:
         os.environ["VILMS_LOG_FORMAT"] = args.log_format
-    uvicorn.run("vilms.api.factory:app", factory=True, host=args.host or gw["host"], port=args.port or gw["port"],
-                workers=workers, loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                timeout_keep_alive=30, backlog=4096)
+    with shared_encoder(config, workers):  # one encoder process for all workers when several share local models
+        uvicorn.run("vilms.api.factory:app", factory=True, host=args.host or gw["host"], port=args.port or gw["port"],
+                    workers=workers, loop="uvloop", http="httptools", access_log=False, log_level="warning",
+                    timeout_keep_alive=30, backlog=4096)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import logging
 import uuid
@@ -19,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ..config import Config
+from ..embeddings.response import embedding_body, texts_from_input
 from ..engines import ChatCall
 from ..errors import BadRequest, GatewayError, ModelNotFound, scrub
 from ..media import inspect_content, prepare_images
@@ -252,23 +252,17 @@ def create_app(config: Config) -> HotPath:
             if not route.spec.is_embedding:
                 raise BadRequest(f"{parsed.model!r} is a chat model; use /v1/chat/completions", param="model")
             guard.allow_model(key, route, parsed.model)
-            texts = _texts(parsed.input)
+            texts = texts_from_input(parsed.input)
             obs.bind(route.name, route.engine)
             await guard.slot(route, obs)
             if route.engine == "local":
-                embedder = state.embedders[route.name]
-                if embedder.model is None:
-                    await embedder.load()
-                embedder.check_dimensions(parsed.dimensions, route.spec.matryoshka)
-                vectors, tokens = await embedder.embed(texts)
-                if parsed.dimensions is not None and parsed.dimensions < vectors.shape[1]:
-                    vectors = vectors[:, : parsed.dimensions]
-                    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+                vectors, tokens = await state.embedders[route.name].embed(texts, parsed.dimensions,
+                                                                          route.spec.matryoshka)
             else:
                 result = await state.engines[route.engine].embed(route, texts, parsed.dimensions)
                 vectors, tokens = np.asarray(result.vectors, dtype=np.float32), result.prompt_tokens
-            response = _json(_embedding_response(parsed.model, vectors, tokens, parsed.encoding_format),
-                             headers={"x-request-id": request_id})
+            response = Response(embedding_body(parsed.model, vectors, tokens, parsed.encoding_format),
+                                media_type=JSON, headers={"x-request-id": request_id})
         except GatewayError as exc:
             obs.finish(exc.status, exc.code or "")
             return _error(exc, request_id)
@@ -285,27 +279,3 @@ def create_app(config: Config) -> HotPath:
     app.openapi = lambda: describe(app, router)  # type: ignore[method-assign]
     return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings})
 
-
-def _texts(value: Any) -> list[str]:
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
-        raise BadRequest("input must not be empty", param="input")
-    if not all(isinstance(t, str) for t in texts):
-        raise BadRequest("input must be a string or a list of strings (token arrays are not accepted)", param="input")
-    for i, text in enumerate(texts):
-        if not text:
-            raise BadRequest(f"input[{i}] is an empty string", param="input")
-    if len(texts) > 2048:
-        raise BadRequest("at most 2048 inputs per request", param="input")
-    return texts
-
-
-def _embedding_response(model: str, vectors: np.ndarray, tokens: int, encoding: str) -> dict[str, Any]:
-    if encoding == "base64":
-        rows: list[Any] = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
-                           for v in vectors]
-    else:
-        rows = list(vectors)
-    return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from ..config import Config
-from ..embeddings.local import LocalEmbedder
+from ..embeddings.build import Embedder, build_embedders
 from ..engines import Engine, build_engines
 from ..fetch import ImageFetcher
 from ..http import make_session
@@ -37,7 +37,7 @@ class GatewayState:
     config: Config
     router: Router
     fetcher: ImageFetcher
-    embedders: dict[str, LocalEmbedder]
+    embedders: dict[str, Embedder]
     extras: dict[str, RouteExtras]
     started: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
@@ -47,7 +47,7 @@ class GatewayState:
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
         router = Router(config)
-        serving, media, emb = config.serving, config.media, config.embedding
+        serving, media = config.serving, config.media
         extras = {}
         for name, route in router.routes.items():
             params = route.spec.params
@@ -59,14 +59,7 @@ class GatewayState:
                                          max_pixels=media["max-pixels"], max_bytes=media["max-bytes"],
                                          formats=tuple(media["formats"])),
             )
-        embedders = {}
-        for name, route in router.routes.items():
-            if route.spec.is_embedding and route.engine == "local":
-                embedders[name] = LocalEmbedder(name, runtime_source(config, route.spec), device=emb["device"],
-                                                trust_remote_code=route.spec.trust_remote_code,
-                                                max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"],
-                                                batching=emb["batching"])
-        return cls(config, router, ImageFetcher(media), embedders, extras)
+        return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras)
 
     async def start(self) -> None:
         # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.

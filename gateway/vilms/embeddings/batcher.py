@@ -1,0 +1,100 @@
+"""Dynamic batching: concurrent callers' texts coalesced into one blocking encode on a worker thread.
+
+One consumer task takes whatever is queued (up to `max_batch` sentences, waiting at most `max_wait` seconds for more
+after the first arrives) and runs the encode on a single-thread executor, so 64 callers with one sentence each cost
+about one forward of 64 rather than 64 forwards, and the event loop keeps serving other requests meanwhile. While a
+batch encodes, new callers queue up and form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import GatewayError
+from ..observe import EMBED_BATCH
+
+EncodeFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    def __init__(self, name: str, encode: EncodeFn, executor: ThreadPoolExecutor, *, max_batch: int,
+                 max_wait_ms: float, batching: bool = True):
+        self.name = name
+        self.encode = encode
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.batching = batching
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._consumer: asyncio.Task | None = None
+
+    async def submit(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors (rows in the order of `texts`) and per-text token counts."""
+        loop = asyncio.get_running_loop()
+        if not self.batching:
+            EMBED_BATCH.labels(self.name).observe(len(texts))
+            return await loop.run_in_executor(self.executor, self.encode, texts)
+        if self._consumer is None or self._consumer.done():
+            self._consumer = asyncio.create_task(self._consume(), name=f"embed-batcher-{self.name}")
+        job = _Job(texts, loop.create_future())
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _gather(self) -> list[_Job]:
+        """The next batch: the first waiting job, then more until `max_batch` sentences or the wait window ends."""
+        loop = asyncio.get_running_loop()
+        jobs = [await self._queue.get()]
+        size = len(jobs[0].texts)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            else:
+                jobs.append(self._queue.get_nowait())
+            size += len(jobs[-1].texts)
+        return [j for j in jobs if not j.future.cancelled()]
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            if not jobs:
+                continue
+            texts = jobs[0].texts if len(jobs) == 1 else [t for j in jobs for t in j.texts]
+            EMBED_BATCH.labels(self.name).observe(len(texts))
+            try:
+                vectors, counts = await loop.run_in_executor(self.executor, self.encode, texts)
+            except Exception as exc:  # one bad batch fails its callers, never the batcher
+                error = GatewayError(f"local embedding failed: {type(exc).__name__}: {exc}", status=500,
+                                     type="server_error")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(error)
+                continue
+            start = 0
+            for j in jobs:
+                end = start + len(j.texts)
+                if not j.future.done():
+                    j.future.set_result((vectors[start:end], counts[start:end]))
+                start = end
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
