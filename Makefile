@@ -9,10 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system test test-fast lint demo demo-down demo-local bench clean
+.PHONY: help install system test test-fast lint demo demo-down demo-local bench clean fleet-up fleet-rollout fleet-down fleet-bench
 
 help:
 	@echo "make demo | demo-down | demo-local | test | test-fast | lint | bench | clean"
+	@echo "make fleet-up N=20 [REGISTRY=1] | fleet-rollout [ARGS=...] | fleet-down | fleet-bench N=20"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,6 +51,24 @@ demo-local: install
 
 bench: install system
 	$(PY) -m bench.run
+
+# A simulated fleet of N edge boxes (half dgpu, half Jetson) on the rig's Docker-in-Docker hosts (README, "Fleet").
+N ?= 20
+FLEET ?= vilms-fleet
+FLEET_ENV = VILMS_RIG_CACHE=$${VILMS_RIG_CACHE:-$(CURDIR)/.cache/rig}
+fleet-up: install system
+	bash devkit/rig/rig.sh daemon-up
+	$(FLEET_ENV) bash devkit/rig/rig.sh images
+	$(FLEET_ENV) $(PY) -m devkit.fleet up --n $(N) --prefix $(FLEET) $(if $(REGISTRY),--registry)
+
+fleet-rollout: install
+	$(FLEET_ENV) $(PY) -m devkit.fleet rollout --prefix $(FLEET) -- $(ARGS)
+
+fleet-down:
+	$(PY) -m devkit.fleet down --prefix $(FLEET)
+
+fleet-bench: install system
+	$(FLEET_ENV) $(PY) -m bench.fleet --n $(N)
 
 clean: demo-down
 	rm -rf .cache/demo .pytest_cache

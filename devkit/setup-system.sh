@@ -3,6 +3,7 @@
 #   - a docker CLI + engine (Debian's docker.io) and the compose v2 plugin (Debian trixie's single .deb:
 #     bookworm has no compose v2; trixie is used for that one download only, never added to the system)
 #   - debootstrap (base images for the rig, since no registry is reachable), wrk (benchmarks), rsync (weights)
+#   - docker-registry (Debian's registry binary: the simulated fleet's site registry)
 # Idempotent: a second run installs nothing.
 set -euo pipefail
 
@@ -12,10 +13,16 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)  # ships model weights to hosts (vilms_stack weights)
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)  # the simulated fleet's site registry
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup-system: installing ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The fleet runs the registry binary in a box on its own network; the package's system service (all
+  # interfaces, port 5000) is not wanted.
+  if [[ " ${need[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 plugin_dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"

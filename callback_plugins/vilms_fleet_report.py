@@ -1,0 +1,287 @@
+"""Ansible callback: a per-host fleet report (JSON + HTML) at the end of every site.yml run.
+
+Collects, per host: the canary batch it ran in (with `serial`, the play-start event fires once per batch, which
+gives the batch timeline), whether it changed, each gate request's model/result/time, whether a rollback ran and
+what the role's final message said, and unreachable hosts. Hosts of batches the rollout never reached are
+reported as untouched. The report's shape and the page live in `vilms.fleet_report`; this plugin only listens.
+
+A role may publish more per-host fields with facts named `vilms_fleet_<field>` (e.g. `vilms_fleet_release_before`,
+`vilms_fleet_release_after`): each lands in the host's record as `<field>`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = r"""
+name: vilms_fleet_report
+type: aggregate
+short_description: Per-host fleet report (JSON + HTML) for vilms rollouts
+description:
+  - Writes <report_dir>/<timestamp>.json and .html (and latest.json / latest.html) when a playbook ends.
+requirements:
+  - enable it in ansible.cfg (callbacks_enabled) and have the vilms package importable by ansible-playbook
+options:
+  report_dir:
+    description: Directory the reports are written to.
+    default: ~/.cache/vilms/fleet-report
+    env:
+      - name: VILMS_FLEET_REPORT_DIR
+    ini:
+      - section: vilms_fleet_report
+        key: report_dir
+  mode:
+    description: C(on) writes a report at the end of each run, C(off) writes nothing.
+    default: "on"
+    choices: ["on", "off"]
+    env:
+      - name: VILMS_FLEET_REPORT
+    ini:
+      - section: vilms_fleet_report
+        key: mode
+"""
+
+# Tasks whose results are gate requests (one per model), by name prefix.
+GATE_PREFIXES = ("Gate |", "Smoke |", "Deploy | Health gate")
+ROLLBACK_PREFIX = "Rollback |"
+FLEET_FACT_PREFIX = "vilms_fleet_"
+DOWN_MARKERS = ("host down", "rollback failed", "serves nothing")
+GROUPS = ("dgpu", "jetsons")
+FAILED = ("down", "failed", "rolled_back")
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _first_line(text: Any, limit: int = 2000) -> str:
+    text = str(text or "").strip()
+    return text[:limit]
+
+
+def _error_text(res: dict[str, Any]) -> str:
+    for key in ("msg", "stderr", "reason", "exception"):
+        if res.get(key):
+            return _first_line(res[key])
+    return ""
+
+
+def _task_name(task: Any) -> str:
+    """The task's own name, without the "role : " prefix get_name() adds."""
+    return str(task.name or task.get_name())
+
+
+def _model_of(item: Any) -> str:
+    if isinstance(item, dict):
+        for key in ("model", "id", "name", "alias"):
+            if item.get(key):
+                return str(item[key])
+    return str(item) if item is not None else ""
+
+
+class CallbackModule(CallbackBase):
+    """Listens to a run; writes the fleet report on v2_playbook_on_stats."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "vilms_fleet_report"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0 = time.monotonic()
+        self._started = _now_iso()
+        self._playbook = ""
+        self._hosts: dict[str, dict[str, Any]] = {}
+        self._rollout: dict[str, Any] | None = None
+        self._in_rollout = False
+        self._expects_rollout = False
+        self._task_started: dict[tuple[str, str], float] = {}
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _t(self) -> float:
+        return round(time.monotonic() - self._t0, 2)
+
+    def _host(self, name: str) -> dict[str, Any]:
+        rec = self._hosts.get(name)
+        if rec is None:
+            rec = self._hosts[name] = {
+                "group": None, "batch": None, "outcome": None, "changed": 0, "rolled_back": False,
+                "release_before": None, "release_after": None, "gate": [], "rollback_gate": [],
+                "failed_task": None, "error": None, "last_task": None, "start_s": None, "end_s": None,
+                "duration_s": None}
+        return rec
+
+    def _note_groups(self, hosts: list[Any]) -> None:
+        for host in hosts:
+            rec = self._host(host.get_name())
+            if rec["group"] is None:
+                names = [g.get_name() for g in host.get_groups()]
+                rec["group"] = next((g for g in GROUPS if g in names), next((g for g in names if g != "all"), None))
+
+    def _touch(self, name: str, task: Any) -> dict[str, Any]:
+        rec = self._host(name)
+        if self._in_rollout:
+            now = self._t()
+            rec["start_s"] = now if rec["start_s"] is None else rec["start_s"]
+            rec["end_s"] = now
+            rec["last_task"] = _task_name(task)
+        return rec
+
+    def _close_batch(self) -> None:
+        if self._rollout and self._rollout["batches"] and self._rollout["batches"][-1]["end_s"] is None:
+            self._rollout["batches"][-1]["end_s"] = self._t()
+
+    # ---- playbook and play events ----------------------------------------------------------------------------
+    def v2_playbook_on_start(self, playbook: Any) -> None:
+        self._playbook = Path(getattr(playbook, "_file_name", "") or "").name
+        # A play with `serial` is the rollout; if the run ends before it starts, its hosts were never touched.
+        self._expects_rollout = any(getattr(p, "serial", None) for p in playbook.get_plays())
+
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        self._close_batch()
+        inventory = getattr(getattr(play, "_variable_manager", None), "_inventory", None)
+        batch = inventory.get_hosts(play.hosts) if inventory else []
+        every = inventory.get_hosts(play.hosts, ignore_restrictions=True) if inventory else []
+        self._note_groups(list(every))
+        serial = list(play.serial or [])
+        self._in_rollout = bool(serial)
+        if not serial:
+            return
+        if self._rollout is None or self._rollout["play"] != play.get_name():
+            self._rollout = {"play": play.get_name(), "batch_spec": serial,
+                             "max_fail_percentage": play.max_fail_percentage,
+                             "hosts": [h.get_name() for h in every], "batches": [], "halted": False}
+        index = len(self._rollout["batches"]) + 1
+        names = [h.get_name() for h in batch]
+        self._rollout["batches"].append({"index": index, "hosts": names, "start_s": self._t(), "end_s": None})
+        for name in names:
+            self._host(name)["batch"] = index
+
+    def v2_playbook_on_no_hosts_remaining(self) -> None:
+        if self._in_rollout and self._rollout and self._rollout["batches"]:
+            self._rollout["batches"][-1]["stopped"] = True
+
+    # ---- task results -------------------------------------------------------------------------------------
+    def v2_runner_on_start(self, host: Any, task: Any) -> None:
+        self._task_started[(host.get_name(), task._uuid)] = time.monotonic()
+        self._touch(host.get_name(), task)
+
+    def _gate_entry(self, result: Any, failed: bool) -> None:
+        task, res = result._task, result._result
+        name = _task_name(task)
+        if not name.startswith(GATE_PREFIXES):
+            return
+        host = result._host.get_name()
+        key = (host, task._uuid)
+        started = self._task_started.get(key)
+        now = time.monotonic()
+        self._task_started[key] = now  # the next loop item is timed from here
+        item = res.get("item") if isinstance(res.get("item"), dict) else res.get("_ansible_item_label", res.get("item"))
+        entry = {"task": name, "model": _model_of(item) or name.split("|", 1)[-1].strip(), "ok": not failed,
+                 "status": res.get("status"), "seconds": round(now - started, 2) if started else None}
+        if failed:
+            entry["error"] = _error_text(res)
+        rec = self._host(host)
+        rec["rollback_gate" if rec["rolled_back"] else "gate"].append(entry)
+
+    def _record(self, result: Any, failed: bool = False) -> None:
+        task, res = result._task, result._result
+        rec = self._touch(result._host.get_name(), task)
+        if res.get("changed") and self._in_rollout:
+            rec["changed"] += 1
+        if _task_name(task).startswith(ROLLBACK_PREFIX) and not res.get("skipped"):
+            rec["rolled_back"] = True
+        for key, value in (res.get("ansible_facts") or {}).items():
+            if key.startswith(FLEET_FACT_PREFIX):
+                rec[key[len(FLEET_FACT_PREFIX):]] = value
+        if "results" not in res:  # loop results arrive item by item below
+            self._gate_entry(result, failed)
+        if failed:
+            rec["failed_task"] = rec["failed_task"] or _task_name(task)
+            rec["error"] = _error_text(res) or rec["error"]
+
+    def v2_runner_on_ok(self, result: Any) -> None:
+        self._record(result)
+
+    def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        if ignore_errors:
+            self._record(result)
+        else:
+            self._record(result, failed=True)
+
+    def v2_runner_on_unreachable(self, result: Any) -> None:
+        rec = self._touch(result._host.get_name(), result._task)
+        rec["unreachable"] = True
+        rec["error"] = _error_text(result._result) or "unreachable"
+
+    def v2_runner_item_on_ok(self, result: Any) -> None:
+        self._gate_entry(result, failed=False)
+
+    def v2_runner_item_on_failed(self, result: Any) -> None:
+        self._gate_entry(result, failed=True)
+
+    # ---- the end -------------------------------------------------------------------------------------------
+    def _outcome(self, name: str, rec: dict[str, Any], stats: Any) -> str:
+        halted_batches = {b["index"] for b in (self._rollout or {}).get("batches", []) if b.get("stopped")}
+        if stats.dark.get(name) or rec.get("unreachable"):
+            return "unreachable"
+        if stats.failures.get(name):
+            if any(m in (rec["error"] or "").lower() for m in DOWN_MARKERS):
+                return "down"
+            return "rolled_back" if rec["rolled_back"] else "failed"
+        if self._rollout and name in self._rollout["hosts"]:
+            if rec["batch"] is None:
+                return "untouched"
+            if rec["batch"] in halted_batches:
+                return "halted"
+        if self._rollout is None and (self._expects_rollout or not stats.processed.get(name)):
+            return "untouched"
+        return "updated" if rec["changed"] else "unchanged"
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        self._close_batch()
+        if str(self.get_option("mode")).lower() == "off":
+            return
+        for name in list(stats.processed) + list(self._hosts):
+            self._host(name)
+        for name, rec in self._hosts.items():
+            rec["outcome"] = self._outcome(name, rec, stats)
+            if rec["start_s"] is not None:
+                rec["duration_s"] = round(rec["end_s"] - rec["start_s"], 2)
+        rollout = self._rollout
+        if rollout:
+            for batch in rollout["batches"]:
+                outcomes = {self._hosts[h]["outcome"] for h in batch["hosts"]}
+                batch["outcome"] = next((o for o in ("down", "failed", "rolled_back", "halted", "unreachable")
+                                         if o in outcomes), "updated")
+            stopped = [b for b in rollout["batches"] if b.get("stopped")]
+            untouched = [h for h in rollout["hosts"] if self._hosts[h]["batch"] is None]
+            if stopped:
+                rollout["halted"] = True
+                rollout["halted_in_batch"] = stopped[0]["index"]
+                failed = [h for h in stopped[0]["hosts"] if self._hosts[h]["outcome"] in FAILED]
+                rollout["halt_reason"] = (f"{', '.join(failed) or 'the batch'} failed; failure budget "
+                                          f"{rollout['max_fail_percentage']}% per batch; "
+                                          f"{len(untouched)} host(s) untouched")
+        report = {"playbook": self._playbook, "started": self._started, "finished": _now_iso(),
+                  "duration_s": self._t(), "rollout": rollout, "hosts": self._hosts}
+        out_dir = Path(os.path.expanduser(str(self.get_option("report_dir"))))
+        stem = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        try:
+            from vilms import fleet_report
+        except ImportError:  # the controller's Python lacks the vilms package: JSON only
+            import json
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+            self._display.warning(f"vilms_fleet_report: vilms not importable by {sys.executable}; wrote JSON only")
+            return
+        json_path, html_path = fleet_report.write(report, out_dir, stem)
+        self._display.display(f"Fleet report: {html_path} ({json_path.name})")

@@ -1,0 +1,340 @@
+"""A simulated fleet of edge boxes for `make fleet-up / fleet-rollout / fleet-down` (and tests/test_fleet.py).
+
+Each box is one of the molecule rig's Docker-in-Docker hosts (the rig's Debian base image, privileged, its own
+dockerd), half of them dgpu servers and half Jetsons. What makes a box look like a GPU server or a Jetson is not
+restated here: the boxes are prepared by molecule/resources/prepare.yml and their group variables are read from
+molecule/<scenario>/molecule.yml, so the fleet and the molecule scenarios cannot drift apart.
+
+The fleet writes a normal inventory directory (hosts.yml, group_vars/, host_vars/) that an operator or a test
+edits like any other, and rolls out to it with the real site.yml. Optionally a site registry (Debian's
+`docker-registry` binary, run in a container on the fleet's network) serves the images instead of per-host
+archives, so an update moves only the layers that changed.
+
+    python -m devkit.fleet up --n 20 [--registry]
+    python -m devkit.fleet rollout [-- extra ansible-playbook args]
+    python -m devkit.fleet down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_IMAGE = "vilms-rig/debian:bookworm-2"
+REGISTRY_BINARY = Path("/usr/bin/docker-registry")  # Debian's docker-registry package
+REGISTRY_PORT = 5000
+# The boxes run the light gateway image: the local MiniLM embedder (1.3 GB image) is the molecule dgpu
+# scenario's job; twenty copies of it would not fit a laptop.
+FLEET_GATEWAY = {"dgpu": "rig", "jetsons": "rig"}
+SCENARIOS = {"dgpu": "dgpu", "jetsons": "jetson"}
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Names and paths of one simulated fleet; everything it creates carries `prefix`."""
+
+    prefix: str = "vilms-fleet"
+    state_root: Path = field(default_factory=lambda: ROOT / ".cache" / "fleet")
+
+    @property
+    def state(self) -> Path:
+        return self.state_root / self.prefix
+
+    @property
+    def inventory(self) -> Path:
+        return self.state / "inventory"
+
+    @property
+    def reports(self) -> Path:
+        return self.state / "reports"
+
+    @property
+    def network(self) -> str:
+        return f"{self.prefix}-net"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.prefix}-registry"
+
+    @property
+    def label(self) -> dict[str, str]:
+        return {"vilms-fleet": self.prefix}
+
+    def host_names(self, n: int) -> list[tuple[str, str]]:
+        """(name, group) for n boxes: dgpu and Jetson alternating, dgpu first (so batch 1 is a dgpu box)."""
+        out = []
+        for i in range(n):
+            group = "dgpu" if i % 2 == 0 else "jetsons"
+            kind = "dgpu" if group == "dgpu" else "jetson"
+            out.append((f"{self.prefix}-{kind}-{i // 2 + 1:02d}", group))
+        return out
+
+
+def rig_cache() -> Path:
+    return Path(os.environ.get("VILMS_RIG_CACHE", ROOT / ".cache" / "rig"))
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """molecule.yml's ${VAR} and ${VAR:-default}, from `env` (then os.environ)."""
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3) or ""
+        return env.get(name, os.environ.get(name, default))
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, text)
+
+
+def scenario_group_vars(scenario: str, env: dict[str, str]) -> dict[str, Any]:
+    """The group variables a molecule scenario gives its host (the one source for what a rig box is)."""
+    text = (ROOT / "molecule" / scenario / "molecule.yml").read_text()
+    data = yaml.safe_load(_expand(text, env))
+    return data["provisioner"]["inventory"]["group_vars"]["all"]
+
+
+def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, Any]:
+    """A fleet group's variables: the scenario's, with the light gateway and (optionally) the site registry."""
+    env = {"MOLECULE_PROJECT_DIRECTORY": str(ROOT), "VILMS_RIG_MINILM": str(fleet.state / "no-minilm"),
+           "HOME": os.environ.get("HOME", "/root")}
+    gv = scenario_group_vars(SCENARIOS[group], env)
+    gv["vilms_rig_cache"] = str(rig_cache())
+    cfg = gv["vilms_config"]
+    cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = FLEET_GATEWAY[group]
+    if group == "dgpu":
+        cfg["embedding"] = {"enabled": False}
+        gv["vilms_rig_expect"] = {**gv.get("vilms_rig_expect", {}), "embeddings": []}
+    gateway_image = f"vilms/gateway:{FLEET_GATEWAY[group]}"
+    engine_image = "vilms-rig/engines:standin" if group == "dgpu" else "vilms-rig/engines:r36.4.0"
+    if registry:
+        gv["vilms_stack_image_source"] = "registry"
+        gv.pop("vilms_stack_image_archives", None)
+        cfg["docker"]["pull-policy"] = "missing"
+        images = cfg["docker"].setdefault("image", {})
+        for key, repo in list(images.items()):
+            images[key] = f"{registry}/{repo}"
+    else:
+        gv["vilms_stack_image_archives"] = [
+            {"image": gateway_image, "src": "{{ vilms_rig_cache }}/images/gateway.tar"},
+            {"image": engine_image, "src": "{{ vilms_rig_cache }}/images/engines.tar"}]
+    return gv
+
+
+def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | None) -> None:
+    """hosts.yml + group_vars/{all,dgpu,jetsons}.yml + one host_vars file per box (for operators and tests)."""
+    inv = fleet.inventory
+    (inv / "group_vars").mkdir(parents=True, exist_ok=True)
+    (inv / "host_vars").mkdir(exist_ok=True)
+    groups: dict[str, dict[str, Any]] = {"dgpu": {"hosts": {}}, "jetsons": {"hosts": {}}}
+    for name, group in hosts:
+        groups[group]["hosts"][name] = None
+    header = f"# Simulated fleet '{fleet.prefix}' written by devkit/fleet.py; edit freely (host_vars/ is yours).\n"
+    (inv / "hosts.yml").write_text(header + yaml.safe_dump({"all": {"children": groups}}, sort_keys=False))
+    all_vars: dict[str, Any] = {
+        # Boxes are reached through the Docker API (as molecule reaches its hosts); root already, no sudo.
+        "ansible_connection": "community.docker.docker",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False,
+    }
+    if registry:
+        all_vars["docker_engine_daemon_options"] = {
+            "log-driver": "json-file", "log-opts": {"max-size": "50m", "max-file": "3"},
+            "insecure-registries": [registry]}
+    (inv / "group_vars" / "all.yml").write_text(header + yaml.safe_dump(all_vars, sort_keys=False))
+    for group in ("dgpu", "jetsons"):
+        gv = group_vars_for(fleet, group, registry)
+        (inv / "group_vars" / f"{group}.yml").write_text(header + yaml.safe_dump(gv, sort_keys=False))
+    for name, _ in hosts:
+        path = inv / "host_vars" / f"{name}.yml"
+        if not path.exists():
+            path.write_text(f"---\n# Per-box overrides for {name} (e.g. vilms_config_host).\n{{}}\n")
+
+
+def docker_client() -> docker.DockerClient:
+    return docker.from_env(timeout=300)
+
+
+def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]]) -> None:
+    client = docker_client()
+    client.images.get(BASE_IMAGE)  # raises with a clear name when `devkit/rig/rig.sh images` has not run
+    if not client.networks.list(names=[fleet.network]):
+        client.networks.create(fleet.network, driver="bridge", labels=fleet.label)
+    for name, group in hosts:
+        try:
+            client.containers.get(name)
+            continue
+        except docker.errors.NotFound:
+            pass
+        client.containers.run(
+            BASE_IMAGE, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
+            detach=True, privileged=True, cgroupns="private", volumes=["/var/lib/docker"],
+            network=fleet.network, labels={**fleet.label, "vilms-fleet-group": group})
+
+
+def start_registry(fleet: Fleet) -> str:
+    """Debian's docker-registry in a box on the fleet network; pushed to from the controller via 127.0.0.1."""
+    if not REGISTRY_BINARY.exists():
+        raise SystemExit("fleet: the site registry needs Debian's docker-registry package (apt-get install docker-registry)")
+    client = docker_client()
+    data = fleet.state / "registry"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "config.yml").write_text(yaml.safe_dump({
+        "version": 0.1, "log": {"level": "info", "formatter": "json"},
+        "storage": {"filesystem": {"rootdirectory": "/var/lib/registry"}, "delete": {"enabled": True}},
+        "http": {"addr": f":{REGISTRY_PORT}"}}))
+    try:
+        client.containers.get(fleet.registry)
+    except docker.errors.NotFound:
+        client.containers.run(
+            BASE_IMAGE, ["/usr/local/bin/registry", "serve", "/etc/registry/config.yml"], name=fleet.registry,
+            hostname=fleet.registry, detach=True, network=fleet.network, labels=fleet.label,
+            ports={f"{REGISTRY_PORT}/tcp": ("127.0.0.1", None)},
+            volumes={str(REGISTRY_BINARY): {"bind": "/usr/local/bin/registry", "mode": "ro"},
+                     str(data / "config.yml"): {"bind": "/etc/registry/config.yml", "mode": "ro"},
+                     str(data / "store"): {"bind": "/var/lib/registry", "mode": "rw"}})
+    return f"{fleet.registry}:{REGISTRY_PORT}"
+
+
+def registry_local(fleet: Fleet) -> str:
+    """The registry as the controller's daemon reaches it (loopback: no insecure-registry setting needed)."""
+    c = docker_client().containers.get(fleet.registry)
+    port = c.attrs["NetworkSettings"]["Ports"][f"{REGISTRY_PORT}/tcp"][0]["HostPort"]
+    return f"127.0.0.1:{port}"
+
+
+def push(fleet: Fleet, image: str, as_name: str | None = None) -> None:
+    """Tag `image` into the site registry (as `as_name`, default the same repo:tag) and push it."""
+    client = docker_client()
+    local = registry_local(fleet)
+    repo, _, tag = (as_name or image).rpartition(":")
+    client.images.get(image).tag(f"{local}/{repo}", tag)
+    for _ in range(30):  # the registry may still be starting
+        try:
+            out = client.images.push(f"{local}/{repo}", tag=tag)
+            if '"error"' in out:
+                raise RuntimeError(out)
+            return
+        except (docker.errors.APIError, RuntimeError) as exc:
+            last = exc
+            time.sleep(1)
+    raise SystemExit(f"fleet: push of {image} failed: {last}")
+
+
+def prepare(fleet: Fleet) -> int:
+    """molecule/resources/prepare.yml on every box: the NVIDIA driver/runtime and L4T stand-ins."""
+    (fleet.state / "no-minilm").mkdir(parents=True, exist_ok=True)
+    return run_playbook(fleet, ROOT / "molecule" / "resources" / "prepare.yml", [], report=False)
+
+
+def ansible_env(fleet: Fleet, report: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
+    env["ANSIBLE_ROLES_PATH"] = str(ROOT / "roles")
+    env.setdefault("ANSIBLE_FORKS", "20")
+    if report:
+        env["VILMS_FLEET_REPORT_DIR"] = str(fleet.reports)
+    else:
+        env["VILMS_FLEET_REPORT"] = "off"
+    env.update(extra or {})
+    return env
+
+
+def run_playbook(fleet: Fleet, playbook: Path, args: list[str], report: bool = True,
+                 env: dict[str, str] | None = None, log: Path | None = None) -> int:
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")), str(playbook), "-i", str(fleet.inventory), *args]
+    fleet.state.mkdir(parents=True, exist_ok=True)
+    log = log or fleet.state / f"{playbook.stem}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, env=ansible_env(fleet, report, env), stdout=out, stderr=subprocess.STDOUT)
+    return proc.returncode
+
+
+def rollout(fleet: Fleet, args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> int:
+    """The real site.yml against the fleet's inventory; the fleet report lands in fleet.reports."""
+    return run_playbook(fleet, ROOT / "site.yml", args, report=True, env=env, log=log)
+
+
+def net_rx_bytes(names: list[str]) -> dict[str, int]:
+    """Bytes each box has received on its network interface (what an image pull costs it)."""
+    client = docker_client()
+    out = {}
+    for name in names:
+        res = client.containers.get(name).exec_run(["cat", "/sys/class/net/eth0/statistics/rx_bytes"])
+        out[name] = int(res.output.decode().strip())
+    return out
+
+
+def boxes(fleet: Fleet) -> list[str]:
+    """The fleet's boxes in inventory order (dgpu first, as the stack play's pattern orders them)."""
+    inv = yaml.safe_load((fleet.inventory / "hosts.yml").read_text())["all"]["children"]
+    return [h for g in ("dgpu", "jetsons") for h in (inv[g]["hosts"] or {})]
+
+
+def up(fleet: Fleet, n: int, registry: bool) -> None:
+    hosts = fleet.host_names(n)
+    if fleet.state.exists() and (fleet.inventory / "hosts.yml").exists():
+        old = set(boxes(fleet))
+        if old != {h for h, _ in hosts}:
+            raise SystemExit(f"fleet: '{fleet.prefix}' exists with other boxes; `make fleet-down` first")
+    create_boxes(fleet, hosts)
+    reg = None
+    if registry:
+        reg = start_registry(fleet)
+        for image in ("vilms/gateway:rig", "vilms-rig/engines:standin", "vilms-rig/engines:r36.4.0"):
+            push(fleet, image)
+    write_inventory(fleet, hosts, reg)
+    rc = prepare(fleet)
+    if rc:
+        raise SystemExit(f"fleet: prepare failed (rc {rc}); see {fleet.state / 'prepare.log'}")
+    print(f"fleet '{fleet.prefix}': {n} boxes, inventory {fleet.inventory}" + (f", registry {reg}" if reg else ""))
+
+
+def down(fleet: Fleet) -> None:
+    client = docker_client()
+    for c in client.containers.list(all=True, filters={"label": f"vilms-fleet={fleet.prefix}"}):
+        c.remove(force=True, v=True)
+    for net in client.networks.list(names=[fleet.network]):
+        net.remove()
+    if (fleet.state / "registry").exists():
+        # the registry wrote as root inside its box; the data is ours to drop
+        shutil.rmtree(fleet.state / "registry", ignore_errors=True)
+    if fleet.inventory.exists():
+        shutil.rmtree(fleet.inventory)
+    print(f"fleet '{fleet.prefix}': removed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "rollout", "down", "inventory"])
+    parser.add_argument("--prefix", default=os.environ.get("VILMS_FLEET_PREFIX", "vilms-fleet"))
+    parser.add_argument("--n", type=int, default=int(os.environ.get("N", "20")))
+    parser.add_argument("--registry", action="store_true", help="serve images from a site registry")
+    parser.add_argument("ansible_args", nargs="*", help="after --: passed to ansible-playbook")
+    args = parser.parse_args(argv)
+    fleet = Fleet(args.prefix)
+    if args.command == "up":
+        up(fleet, args.n, args.registry)
+    elif args.command == "down":
+        down(fleet)
+    elif args.command == "inventory":
+        print(fleet.inventory)
+    else:
+        started = time.monotonic()
+        rc = rollout(fleet, args.ansible_args)
+        print(f"fleet rollout: rc {rc} in {time.monotonic() - started:.0f} s; log {fleet.state / 'site.log'}; "
+              f"report {fleet.reports / 'latest.html'}")
+        return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

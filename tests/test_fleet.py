@@ -1,0 +1,246 @@
+"""Fleet rollouts on a small simulated fleet (4 Docker-in-Docker boxes: 2 dgpu, 2 Jetson) with the real site.yml.
+
+One fleet for the module, images from a site registry (Debian's docker-registry). Failures are injected the way an
+operator would cause them: through host_vars in the fleet's generated inventory (a model no engine serves).
+Play order is dgpu-01, dgpu-02, jetson-01, jetson-02; batches [1, "25%", "100%"] are [dgpu-01], [dgpu-02],
+[jetson-01, jetson-02].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from devkit import fleet as fleetlib
+
+pytestmark = [pytest.mark.docker, pytest.mark.ansible, pytest.mark.timeout(1500)]
+
+PREFIX = os.environ.get("VILMS_FLEET_TEST_PREFIX", "vilms-tfleet")
+N = 4
+
+
+def _docker_ready() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker CLI"
+    try:
+        client = fleetlib.docker_client()
+        client.ping()
+        client.images.get(fleetlib.BASE_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any reason is a skip reason here
+        return f"Docker or the rig images are not ready ({exc}); run `make fleet-up` once"
+    if not (fleetlib.rig_cache() / "images" / "gateway.tar").exists():
+        return "rig image archives missing: bash devkit/rig/rig.sh images"
+    if not fleetlib.REGISTRY_BINARY.exists():
+        return "Debian's docker-registry package is not installed"
+    return None
+
+
+SKIP = _docker_ready()
+if SKIP:
+    pytestmark.append(pytest.mark.skip(reason=SKIP))
+
+
+class FleetRun:
+    """One rollout's result: return code, parsed report, log text."""
+
+    def __init__(self, rc: int, report: dict[str, Any], log: str):
+        self.rc, self.report, self.log = rc, report, log
+
+    def host(self, name: str) -> dict[str, Any]:
+        return self.report["hosts"][name]
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[fleetlib.Fleet]:
+    f = fleetlib.Fleet(PREFIX)
+    fleetlib.down(f)
+    fleetlib.up(f, N, registry=True)
+    # First rollout: every box at once (the canary behaviour is what the tests below look at).
+    run = rollout(f, "first", batches=["100%"])
+    assert run.rc == 0, run.log[-6000:]
+    assert {h["outcome"] for h in run.report["hosts"].values()} == {"updated"}
+    yield f
+    if not os.environ.get("VILMS_FLEET_KEEP"):
+        fleetlib.down(f)
+
+
+def rollout(f: fleetlib.Fleet, name: str, batches: list[Any] | None = None, budget: int | None = None,
+            limit: str | None = None) -> FleetRun:
+    extra: dict[str, Any] = {}
+    if batches is not None:
+        extra["vilms_rollout_batches"] = batches
+    if budget is not None:
+        extra["vilms_rollout_max_fail_percentage"] = budget
+    args = ["-e", json.dumps(extra)] + (["--limit", limit] if limit else [])
+    log = f.state / f"test-{name}.log"
+    before = {p.name for p in f.reports.glob("*.json")} if f.reports.exists() else set()
+    rc = fleetlib.rollout(f, args, log=log)
+    new = sorted({p.name for p in f.reports.glob("*.json")} - before)
+    assert new, f"no fleet report written; log:\n{log.read_text()[-4000:]}"
+    return FleetRun(rc, json.loads((f.reports / new[-1]).read_text()), log.read_text())
+
+
+def boxes(f: fleetlib.Fleet) -> list[str]:
+    return fleetlib.boxes(f)
+
+
+def box_exec(name: str, argv: list[str]) -> str:
+    res = fleetlib.docker_client().containers.get(name).exec_run(argv)
+    assert res.exit_code == 0, res.output.decode()[-2000:]
+    return res.output.decode()
+
+
+def stack_fingerprint(name: str) -> str:
+    """What runs on a box: its stack files and the image IDs of its running containers."""
+    files = box_exec(name, ["sh", "-c", "cat /opt/vilms/config.yaml /opt/vilms/docker-compose.yaml"])
+    images = box_exec(name, ["docker", "ps", "--format", "{{.Names}} {{.Image}} {{.ID}}"])
+    ids = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Name}} {{.Image}}' $(docker ps -q) | sort"])
+    return hashlib.sha256((files + images + ids).encode()).hexdigest()
+
+
+def models_listed(name: str) -> set[str]:
+    out = box_exec(name, ["python3", "-c", "import json,urllib.request;"
+                          "print(json.dumps([m['id'] for m in json.load(urllib.request.urlopen("
+                          "'http://127.0.0.1:8989/v1/models', timeout=10))['data']]))"])
+    return set(json.loads(out))
+
+
+def group_vars(f: fleetlib.Fleet, group: str) -> dict[str, Any]:
+    return yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
+
+
+def set_group_vars(f: fleetlib.Fleet, group: str, data: dict[str, Any]) -> None:
+    (f.inventory / "group_vars" / f"{group}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
+    """A config-only update for every box: each model's max-tokens default."""
+    for group in ("dgpu", "jetsons"):
+        gv = group_vars(f, group)
+        for model in gv["vilms_config"]["serving"]["models"]:
+            model.setdefault("params", {})["max-tokens"] = value
+        set_group_vars(f, group, gv)
+
+
+def inject_gate_failure(f: fleetlib.Fleet, host: str) -> None:
+    """host_vars: the box's models plus one whose engine serves nothing (schema-valid; only the gate sees it)."""
+    group = "dgpu" if "-dgpu-" in host else "jetsons"
+    models = group_vars(f, group)["vilms_config"]["serving"]["models"]
+    ghost = {"name": "ghost-model", "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
+             "params": {"max-tokens": 4}}
+    data = {"vilms_config_host": {"serving": {"models": [*models, ghost]}}}
+    (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def clear_host_vars(f: fleetlib.Fleet, host: str) -> None:
+    (f.inventory / "host_vars" / f"{host}.yml").write_text("---\n{}\n")
+
+
+def test_inventory_is_a_normal_directory(fleet):
+    inv = fleet.inventory
+    assert (inv / "hosts.yml").is_file() and (inv / "group_vars" / "all.yml").is_file()
+    names = boxes(fleet)
+    assert len(names) == N and {n.split("-")[-2] for n in names} == {"dgpu", "jetson"}
+    assert {p.stem for p in (inv / "host_vars").glob("*.yml")} == set(names)
+
+
+def test_canary_failure_rolls_back_and_halts(fleet):
+    names = boxes(fleet)
+    canary, later = names[0], names[1:]
+    set_max_tokens(fleet, 12)  # a new release for every box
+    inject_gate_failure(fleet, canary)
+    before = {n: stack_fingerprint(n) for n in names}
+    try:
+        run = rollout(fleet, "canary")
+    finally:
+        clear_host_vars(fleet, canary)
+    assert run.rc != 0
+    rollout_info = run.report["rollout"]
+    assert rollout_info["halted"] and rollout_info["halted_in_batch"] == 1, rollout_info
+    assert rollout_info["batch_spec"] == [1, "25%", "100%"]
+    assert [b["hosts"] for b in rollout_info["batches"]] == [[canary]]
+    c = run.host(canary)
+    assert c["batch"] == 1 and c["outcome"] == "rolled_back" and c["rolled_back"], c
+    assert any(not g["ok"] and "GHOST" in g["model"] for g in c["gate"]), c["gate"]
+    assert c["error"], c
+    for name in later:
+        h = run.host(name)
+        assert h["outcome"] == "untouched" and h["batch"] is None, (name, h)
+    # The canary runs what it ran before, and serves; later boxes were not touched at all.
+    after = {n: stack_fingerprint(n) for n in names}
+    assert after == before
+    assert "GHOST" not in models_listed(canary) and "LLM" in models_listed(canary)
+    summary = run.report["summary"]
+    assert summary["counts"] == {"rolled_back": 1, "untouched": N - 1}
+    html = (fleet.reports / "latest.html").read_text()
+    assert "HALTED in batch 1" in html and canary in html
+
+
+@pytest.fixture(scope="module")
+def budget_run(fleet) -> Iterator[FleetRun]:
+    """Batch 3 holds both Jetsons; one fails its gate, the budget (50%) allows it; dgpu-02 is switched off."""
+    names = boxes(fleet)
+    offline, failing = names[1], names[2]
+    set_max_tokens(fleet, 10)
+    inject_gate_failure(fleet, failing)
+    client = fleetlib.docker_client()
+    client.containers.get(offline).stop(timeout=1)
+    try:
+        run = rollout(fleet, "budget", budget=50)
+    finally:
+        clear_host_vars(fleet, failing)
+        client.containers.get(offline).start()
+    yield run
+
+
+def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
+    names = boxes(fleet)
+    run = budget_run
+    assert run.rc != 0  # a host failed, and the run says so
+    assert not run.report["rollout"]["halted"], run.report["rollout"]
+    failing, sibling = names[2], names[3]
+    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3
+    assert run.host(sibling)["outcome"] == "updated" and run.host(sibling)["batch"] == 3
+    assert run.host(names[0])["outcome"] == "updated"
+    assert "GHOST" not in models_listed(failing)
+
+
+def test_unreachable_box_is_reported(fleet, budget_run):
+    offline = boxes(fleet)[1]
+    h = budget_run.host(offline)
+    assert h["outcome"] == "unreachable", h
+    assert h["error"]
+    assert budget_run.report["summary"]["counts"].get("unreachable") == 1
+
+
+def test_registry_update_moves_only_changed_layers(fleet, tmp_path):
+    """A new gateway image = the old one plus one small layer; each box pulls that layer, not the image."""
+    client = fleetlib.docker_client()
+    tag = f"{PREFIX}-update"
+    (tmp_path / "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY release-note.txt /etc/vilms-release-note\n")
+    (tmp_path / "release-note.txt").write_bytes(os.urandom(256 * 1024))
+    client.images.build(path=str(tmp_path), tag=f"vilms/gateway:{tag}", rm=True)
+    fleetlib.push(fleet, f"vilms/gateway:{tag}")
+    full = client.images.get("vilms/gateway:rig").attrs["Size"]
+    names = boxes(fleet)
+    for group in ("dgpu", "jetsons"):
+        gv = group_vars(fleet, group)
+        gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
+        set_group_vars(fleet, group, gv)
+    rx_before = fleetlib.net_rx_bytes(names)
+    run = rollout(fleet, "registry-update", batches=["100%"])
+    rx = {n: b - rx_before[n] for n, b in fleetlib.net_rx_bytes(names).items()}
+    assert run.rc == 0, run.log[-6000:]
+    new_id = client.images.get(f"vilms/gateway:{tag}").id
+    for name in names:
+        running = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Image}}' $(docker ps -q --filter name=gateway)"])
+        assert running.strip() == new_id, name
+        # the changed layer (256 KiB, compressed: incompressible bytes) and manifests, not the ~300 MB image
+        assert 256 * 1024 < rx[name] < 8 * 1024 * 1024, (name, rx[name], full)
