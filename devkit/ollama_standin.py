@@ -7,6 +7,9 @@ molecule rig and the demo) or with canned, deterministic words (tests, benchmark
 holding each token `--token-delay-ms`.
 
 Test hooks, by model name: a model named `fail-midstream` streams two tokens then an error line.
+With `tools`, the answer calls every tool offered (arguments `{"city": "Hanoi"}`); streamed, one call per NDJSON
+line, as Ollama does for parallel calls. `logprobs`/`top_logprobs` add Ollama's per-token `logprobs`.
+Every request body is logged in `state["requests"]` and its headers in `state["headers"]` (tests read both).
 
     python -m devkit.ollama_standin --port 11434 [--gguf tiny.gguf] [--models a,b]
 """
@@ -64,7 +67,7 @@ class Generator:
 
 def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float = 0.0,
                embed_dim: int = 8) -> Starlette:
-    state: dict[str, Any] = {"models": set(models), "requests": [], "generator": Generator(gguf)}
+    state: dict[str, Any] = {"models": set(models), "requests": [], "headers": [], "generator": Generator(gguf)}
 
     def known(name: str) -> bool:
         return name in state["models"] or name.split(":")[0] in {m.split(":")[0] for m in state["models"]} or name == "fail-midstream"
@@ -125,9 +128,21 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
                 "done": True, "done_reason": reason, "total_duration": elapsed, "load_duration": 0,
                 "prompt_eval_count": prompt, "prompt_eval_duration": 1, "eval_count": count, "eval_duration": elapsed}
 
+    def logprobs(body: dict[str, Any], piece: str) -> dict[str, Any]:
+        if not body.get("logprobs") or not piece:
+            return {}
+        top = int(body.get("top_logprobs") or 0)
+        alternatives = [{"token": piece, "logprob": -0.25}] + [{"token": w + " ", "logprob": -2.0 - i}
+                                                               for i, w in enumerate(WORDS[: max(top - 1, 0)])]
+        return {"logprobs": [{"token": piece, "logprob": -0.25, "top_logprobs": alternatives[:top]}]}
+
+    def tool_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"function": {"name": t["function"]["name"], "arguments": {"city": "Hanoi"}}} for t in tools]
+
     async def chat(request: Request) -> Response:
         body = orjson.loads(await request.body())
         state["requests"].append(("chat", body))
+        state["headers"].append(("chat", dict(request.headers)))
         if not known(body.get("model", "")):
             return not_found(body.get("model", ""))
         started = time.perf_counter()
@@ -141,28 +156,36 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
             return StreamingResponse(broken(), media_type="application/x-ndjson")
         tools = body.get("tools")
         if not stream:
-            text, reason, count = "", "length", 0
+            text, reason, count, probs = "", "length", 0, []
             async for piece, finish in tokens(body):
                 text += piece
                 count += bool(piece)
                 reason = finish or reason
+                probs += logprobs(body, piece).get("logprobs", [])
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if tools:
-                fn = tools[0]["function"]
-                message = {"role": "assistant", "content": "",
-                           "tool_calls": [{"function": {"name": fn["name"], "arguments": {"city": "Hanoi"}}}]}
-                reason = "stop"
+                message = {"role": "assistant", "content": "", "tool_calls": tool_calls(tools)}
+                reason, probs = "stop", []
             reply = final(body, reason, count, started)
             reply["message"] = message
+            if probs:
+                reply["logprobs"] = probs
             return Response(orjson.dumps(reply), media_type="application/json")
 
         async def lines() -> AsyncIterator[bytes]:
             count, reason = 0, "length"
+            if tools:  # one call per line, as Ollama streams parallel calls
+                for call in tool_calls(tools):
+                    yield _ndjson({"model": body["model"], "created_at": _now(),
+                                   "message": {"role": "assistant", "content": "", "tool_calls": [call]}, "done": False})
+                yield _ndjson(final(body, "stop", len(tools), started))
+                return
             async for piece, finish in tokens(body):
                 if piece:
                     count += 1
                     yield _ndjson({"model": body["model"], "created_at": _now(),
-                                   "message": {"role": "assistant", "content": piece}, "done": False})
+                                   "message": {"role": "assistant", "content": piece}, "done": False,
+                                   **logprobs(body, piece)})
                 reason = finish or reason
             yield _ndjson(final(body, reason, count, started))
 
@@ -171,6 +194,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
     async def embed(request: Request) -> Response:
         body = orjson.loads(await request.body())
         state["requests"].append(("embed", body))
+        state["headers"].append(("embed", dict(request.headers)))
         if not known(body.get("model", "")):
             return not_found(body.get("model", ""))
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]

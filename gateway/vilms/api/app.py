@@ -154,6 +154,16 @@ def create_app(config: Config) -> HotPath:
                              "type": route.spec.type, "engine": route.engine, "alias_of": route.name})
         return _json({"object": "list", "data": data})
 
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        """One entry of /v1/models (openai's `client.models.retrieve`); ids may hold slashes (Qwen/Qwen3-4B)."""
+        route = router.resolve(model_id)
+        if route is None:
+            raise ModelNotFound(model_id, router.names())
+        entry = {"id": model_id, "object": "model", "created": state.started, "owned_by": "vilms",
+                 "type": route.spec.type, "engine": route.engine}
+        return _json(entry if model_id == route.name else {**entry, "alias_of": route.name})
+
     def method_hint(path: str) -> Callable[[], Awaitable[Response]]:
         async def hint() -> Response:
             exc = GatewayError(f"{path} takes POST with a JSON body; see the OpenAI API reference", status=405,

@@ -62,9 +62,10 @@ class Engine(ABC):
         it is never re-sent elsewhere (it may already be generating).
         """
         last: Exception | None = None
+        headers = request_headers(obs)
         for base in urls:
             try:
-                response = await self.session.post(base + path, data=payload, headers=JSON_HEADERS)
+                response = await self.session.post(base + path, data=payload, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 last = exc
                 continue
@@ -153,6 +154,13 @@ class Engine(ABC):
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+
+def request_headers(obs: Observation) -> dict[str, str]:
+    """JSON plus the request's id, so engine logs can be joined to the gateway's ("-": no caller request)."""
+    if obs.request_id and obs.request_id != "-":
+        return {**JSON_HEADERS, "x-request-id": obs.request_id}
+    return JSON_HEADERS
 
 
 def sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
