@@ -24,8 +24,11 @@ from ..errors import BadRequest, GatewayError, ModelNotFound
 from ..media import has_images, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults
+from . import responses as responses_api
 from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
 from .state import GatewayState
+
+Handler = Callable[[Request, GatewayState, Observation, int], Awaitable[Response]]
 
 JSON = "application/json"
 log = logging.getLogger("vilms.gateway")
@@ -173,6 +176,23 @@ def create_app(config: Config) -> HotPath:
 
     app.add_api_route("/v1/chat/completions", method_hint("/v1/chat/completions"), methods=["GET"])
     app.add_api_route("/v1/embeddings", method_hint("/v1/embeddings"), methods=["GET"])
+
+    def served(path: str, kind: str, handler: Handler) -> None:
+        """A POST route whose handler lives in its own module: request id, metrics, envelopes as chat has."""
+        async def route(request: Request) -> Response:
+            request_id = _request_id(request)
+            obs = Observation(kind, request_id)
+            try:
+                response = await handler(request, state, obs, body_limit)
+            except GatewayError as exc:
+                obs.finish(exc.status, exc.code or "")
+                return _error(exc, request_id)
+            response.headers["x-request-id"] = request_id
+            return response
+        app.add_api_route(path, route, methods=["POST"])
+        app.add_api_route(path, method_hint(path), methods=["GET"])
+
+    served("/v1/responses", "responses", responses_api.handle)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -41,6 +41,7 @@ class Engine(ABC):
     """An adapter from the gateway's OpenAI-shaped calls to one backend kind."""
 
     kind: str = "?"
+    forwards_request_id: bool = True  # x-request-id to the engine (some OpenAI-compatible servers reject non-UUIDs)
 
     def __init__(self, session: aiohttp.ClientSession, total_timeout: float):
         self.session = session
@@ -62,7 +63,7 @@ class Engine(ABC):
         it is never re-sent elsewhere (it may already be generating).
         """
         last: Exception | None = None
-        headers = request_headers(obs)
+        headers = request_headers(obs) if self.forwards_request_id else JSON_HEADERS
         for base in urls:
             try:
                 response = await self.session.post(base + path, data=payload, headers=headers)
