@@ -65,7 +65,12 @@ def chat_engine(config: Config, spec: ModelSpec) -> str:
     return serving["engine"]
 
 
+def is_reranker(spec: ModelSpec) -> bool:
+    return spec.type == "reranker"
+
+
 def embedding_engine(spec: ModelSpec) -> str:
+    """Embedding and reranker models: their own engine, else a remote OpenAI-compatible one, else local."""
     if spec.engine:
         return spec.engine
     return "openai" if spec.base_urls else "local"
@@ -97,7 +102,7 @@ class Router:
         self.config = config
         self.routes: dict[str, Route] = {}
         for spec in config.models:
-            engine = embedding_engine(spec) if spec.is_embedding else chat_engine(config, spec)
+            engine = embedding_engine(spec) if spec.is_embedding or is_reranker(spec) else chat_engine(config, spec)
             self.routes[spec.name] = Route(spec, engine, engine_urls(config, spec, engine))
         self.aliases: dict[str, str] = {}
         for alias, target in _alias_edges(config):
@@ -126,7 +131,9 @@ class Router:
         for name, route in self._lookup.items():
             if kind == "embedding" and not route.spec.is_embedding:
                 continue
-            if kind == "chat" and route.spec.is_embedding:
+            if kind == "chat" and (route.spec.is_embedding or is_reranker(route.spec)):
+                continue
+            if kind == "reranker" and not is_reranker(route.spec):
                 continue
             out.append(name)
         return out
@@ -195,10 +202,13 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
 
     services: dict[str, str] = {}
     for spec in config.models:
-        if spec.is_embedding:
+        if spec.is_embedding or is_reranker(spec):
             engine = embedding_engine(spec)
             if engine == "local" and not (spec.path or spec.name):
-                issues.append(ConfigIssue(spec.pointer, "local embedding model needs a name or path"))
+                issues.append(ConfigIssue(spec.pointer, f"local {spec.type} model needs a name or path"))
+            if is_reranker(spec) and engine == "ollama":
+                issues.append(ConfigIssue(f"{spec.pointer}/engine", "Ollama has no rerank API",
+                                          "serve rerankers locally (engine: local, with path) or on vllm/openai"))
         else:
             engine = chat_engine(config, spec)
             if spec.engine == "local":

@@ -24,6 +24,7 @@ from ..errors import BadRequest, GatewayError, ModelNotFound
 from ..media import has_images, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults
+from . import rerank as rerank_api
 from . import responses as responses_api
 from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
 from .state import GatewayState
@@ -193,6 +194,8 @@ def create_app(config: Config) -> HotPath:
         app.add_api_route(path, method_hint(path), methods=["GET"])
 
     served("/v1/responses", "responses", responses_api.handle)
+    served("/v1/rerank", "rerank", rerank_api.handle)
+    served("/rerank", "rerank", rerank_api.handle)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -204,8 +207,10 @@ def create_app(config: Config) -> HotPath:
             route = router.resolve(parsed.model)
             if route is None:
                 raise ModelNotFound(parsed.model, router.names("chat"))
-            if route.spec.is_embedding:
-                raise BadRequest(f"{parsed.model!r} is an embedding model; use /v1/embeddings", param="model")
+            if route.spec.is_embedding or route.spec.type == "reranker":
+                raise BadRequest(f"{parsed.model!r} is a {route.spec.type} model, not a chat model; use /v1/embeddings "
+                                 "or /v1/rerank",
+                                 param="model")
             obs.bind(route.name, route.engine)
             extras = state.extras[route.name]
             body["model"] = route.name

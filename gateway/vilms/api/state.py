@@ -17,6 +17,7 @@ from ..fetch import ImageFetcher
 from ..http import make_session
 from ..media import ImageLimits
 from ..params import request_defaults
+from ..rerank import LocalReranker
 from ..routing import Route, Router
 
 log = logging.getLogger("vilms.gateway")
@@ -41,6 +42,7 @@ class GatewayState:
     started: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     engines: dict[str, Engine] = field(default_factory=dict)
+    rerankers: dict[str, LocalReranker] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
@@ -63,7 +65,12 @@ class GatewayState:
                                                 trust_remote_code=route.spec.trust_remote_code,
                                                 max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"],
                                                 batching=emb["batching"])
-        return cls(config, router, ImageFetcher(media), embedders, extras)
+        rerankers = {name: LocalReranker(name, route.spec.path or route.spec.name, device=emb["device"],
+                                         trust_remote_code=route.spec.trust_remote_code,
+                                         max_batch=emb["max-batch-size"], max_wait_ms=emb["max-wait-ms"])
+                     for name, route in router.routes.items()
+                     if route.spec.type == "reranker" and route.engine == "local"}
+        return cls(config, router, ImageFetcher(media), embedders, extras, rerankers=rerankers)
 
     async def start(self) -> None:
         # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.
@@ -80,6 +87,8 @@ class GatewayState:
     async def stop(self) -> None:
         for embedder in self.embedders.values():
             await embedder.aclose()
+        for reranker in self.rerankers.values():
+            await reranker.aclose()
         await self.fetcher.aclose()
         if self.session is not None:
             await self.session.close()
