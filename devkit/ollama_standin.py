@@ -1,4 +1,4 @@
-"""A stand-in for Ollama's native API (/api/chat, /api/embed, /api/pull, /api/tags, /api/version).
+"""A stand-in for Ollama's native API (/api/chat, /api/generate, /api/embed, /api/pull, /api/tags, /api/version).
 
 Ollama's own images cannot be pulled here. This server speaks the same wire protocol so the
 gateway's Ollama adapter, the `ollama` client library and the Ansible model-pull step are
@@ -191,6 +191,29 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def generate(request: Request) -> Response:
+        """/api/generate: the prompt (raw) continued with the same tokens chat would give, one line per token."""
+        body = orjson.loads(await request.body())
+        state["requests"].append(("generate", body))
+        state["headers"].append(("generate", dict(request.headers)))
+        if not known(body.get("model", "")):
+            return not_found(body.get("model", ""))
+        started = time.perf_counter()
+        as_chat = {**body, "messages": [{"role": "user", "content": body.get("prompt", "")}]}
+        pieces, reason = [], "length"
+        async for piece, finish in tokens(as_chat):
+            if piece:
+                pieces.append(piece)
+            reason = finish or reason
+        done = {k: v for k, v in final(as_chat, reason, len(pieces), started).items() if k != "message"}
+        if not body.get("stream", True):
+            probs = [p for piece in pieces for p in logprobs(body, piece).get("logprobs", [])]
+            return Response(orjson.dumps({**done, "response": "".join(pieces), **({"logprobs": probs} if probs else {})}),
+                            media_type="application/json")
+        lines = [_ndjson({"model": body["model"], "created_at": _now(), "response": p, "done": False,
+                          **logprobs(body, p)}) for p in pieces]
+        return StreamingResponse(iter(lines + [_ndjson({**done, "response": ""})]), media_type="application/x-ndjson")
+
     async def embed(request: Request) -> Response:
         body = orjson.loads(await request.body())
         state["requests"].append(("embed", body))
@@ -211,6 +234,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
     app = Starlette(routes=[
         Route("/api/version", version), Route("/api/tags", tags), Route("/api/pull", pull, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]), Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
         Route("/", lambda r: Response("Ollama is running"))])
     app.state.standin = state
     return app

@@ -24,6 +24,7 @@ from ..errors import BadRequest, GatewayError, ModelNotFound
 from ..media import has_images, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults
+from . import completions as completions_api
 from . import rerank as rerank_api
 from . import responses as responses_api
 from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
@@ -195,6 +196,7 @@ def create_app(config: Config) -> HotPath:
 
     served("/v1/responses", "responses", responses_api.handle)
     served("/v1/rerank", "rerank", rerank_api.handle)
+    served("/v1/completions", "completions", completions_api.handle)
     served("/rerank", "rerank", rerank_api.handle)
 
     @app.post("/v1/chat/completions")
