@@ -24,6 +24,7 @@ from ..errors import BadRequest, GatewayError, ModelNotFound
 from ..media import has_images, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults
+from ..tokens import decode_token_input
 from . import completions as completions_api
 from . import rerank as rerank_api
 from . import responses as responses_api
@@ -249,7 +250,7 @@ def create_app(config: Config) -> HotPath:
                 raise ModelNotFound(parsed.model, names)
             if not route.spec.is_embedding:
                 raise BadRequest(f"{parsed.model!r} is a chat model; use /v1/chat/completions", param="model")
-            texts = _texts(parsed.input)
+            texts = _texts(await decode_token_input(parsed.input))
             obs.bind(route.name, route.engine)
             if route.engine == "local":
                 embedder = state.embedders[route.name]
