@@ -1,4 +1,5 @@
-"""A stand-in for Ollama's native API (/api/chat, /api/generate, /api/embed, /api/pull, /api/tags, /api/version).
+"""A stand-in for Ollama's native API (/api/chat, /api/generate, /api/embed, /api/pull, /api/create, /api/tags,
+/api/version).
 
 Ollama's own images cannot be pulled here. This server speaks the same wire protocol so the
 gateway's Ollama adapter, the `ollama` client library and the Ansible model-pull step are
@@ -78,6 +79,16 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
 
     async def version(request: Request) -> Response:
         return Response(orjson.dumps({"version": "0.6.8-standin"}), media_type="application/json")
+
+    async def create(request: Request) -> Response:
+        """/api/create: a derived model (FROM an existing one, optional LoRA adapters) becomes listed."""
+        body = orjson.loads(await request.body())
+        state["requests"].append(("create", body))
+        if not known(body.get("from", "")):
+            return not_found(body.get("from", ""))
+        name = body["model"]
+        state["models"].add(name if ":" in name else name + ":latest")  # as Ollama names it
+        return Response(orjson.dumps({"status": "success"}), media_type="application/json")
 
     async def tags(request: Request) -> Response:
         return Response(orjson.dumps({"models": [
@@ -234,7 +245,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
     app = Starlette(routes=[
         Route("/api/version", version), Route("/api/tags", tags), Route("/api/pull", pull, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]), Route("/api/embed", embed, methods=["POST"]),
-        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]), Route("/api/create", create, methods=["POST"]),
         Route("/", lambda r: Response("Ollama is running"))])
     app.state.standin = state
     return app

@@ -17,6 +17,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from .config import Config
 from .params import vllm_cli_args
+from .adapters import vllm_lora_args
 from .routing import OLLAMA_DEFAULT_URL, VLLM_PORT, Router, vllm_service_name
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -78,7 +79,8 @@ def engine_services(config: Config) -> list[EngineService]:
             continue
         spec = route.spec
         command = ["--model", spec.path or spec.name, "--served-model-name", spec.name,
-                   "--host", "0.0.0.0", "--port", str(VLLM_PORT), *vllm_cli_args(spec.params), *spec.vllm_args]
+                   "--host", "0.0.0.0", "--port", str(VLLM_PORT), *vllm_cli_args(spec.params), *vllm_lora_args(spec),
+                   *spec.vllm_args]
         services.append(EngineService(
             name=vllm_service_name(spec.name), kind="vllm", image=_image(config, "vllm"), port=VLLM_PORT,
             command=command, models=[spec.name], volumes=[f"{docker['models-dir']}:/models:ro"],

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from .adapters import adapter_issues, adapter_spec, all_adapters
 from .config import Config, ModelSpec, as_url_list
 from .schema import ConfigIssue
 
@@ -104,18 +105,23 @@ class Router:
         for spec in config.models:
             engine = embedding_engine(spec) if spec.is_embedding or is_reranker(spec) else chat_engine(config, spec)
             self.routes[spec.name] = Route(spec, engine, engine_urls(config, spec, engine))
+        # LoRA adapters: the base's engine and URLs, the adapter's name as the engine-side model.
+        self.adapters: dict[str, Route] = {}
+        for base, adapter in all_adapters(config):
+            route = self.routes[base.name]
+            self.adapters.setdefault(adapter.name, Route(adapter_spec(base, adapter), route.engine, route.base_urls))
         self.aliases: dict[str, str] = {}
         for alias, target in _alias_edges(config):
             self.aliases.setdefault(alias, target)
-        self._lookup: dict[str, Route] = dict(self.routes)
+        self._lookup: dict[str, Route] = {**self.adapters, **self.routes}
         for alias in self.aliases:
             target = self.follow(alias)
-            if target in self.routes:
-                self._lookup[alias] = self.routes[target]
+            if target in self._lookup:
+                self._lookup[alias] = self._lookup[target]
 
     def follow(self, name: str) -> str:
         seen = {name}
-        while name in self.aliases and name not in self.routes:
+        while name in self.aliases and name not in self.routes and name not in self.adapters:
             name = self.aliases[name]
             if name in seen:
                 break
@@ -152,6 +158,9 @@ def _alias_edges(config: Config) -> Iterable[tuple[str, str]]:
     for spec in config.models:
         for alias in spec.aliases:
             yield alias, spec.name
+    for _, adapter in all_adapters(config):
+        for alias in adapter.aliases:
+            yield alias, adapter.name
 
 
 def semantic_issues(config: Config) -> list[ConfigIssue]:
@@ -163,6 +172,11 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"{spec.pointer}/name", f"model {spec.name!r} is defined twice",
                                       f"first definition at {models[spec.name].pointer}"))
         models.setdefault(spec.name, spec)
+    for base, adapter in all_adapters(config):
+        if adapter.name in models:
+            issues.append(ConfigIssue(f"{adapter.pointer}/name", f"adapter name {adapter.name!r} is already a model "
+                                      "or adapter name", f"first definition at {models[adapter.name].pointer}"))
+        models.setdefault(adapter.name, adapter_spec(base, adapter))
 
     # Where each alias is defined, to report conflicts rather than let one silently win.
     definitions: dict[str, list[tuple[str, str]]] = {}
@@ -172,6 +186,9 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
         for i, alias in enumerate(spec.aliases):
             where = f"{spec.pointer}/aliases/{i}" if spec.pointer != "/embedding" else f"/embedding/aliases/{i}"
             definitions.setdefault(alias, []).append((spec.name, where))
+    for _, adapter in all_adapters(config):
+        for i, alias in enumerate(adapter.aliases):
+            definitions.setdefault(alias, []).append((adapter.name, f"{adapter.pointer}/aliases/{i}"))
 
     for alias, defs in definitions.items():
         if alias in models:
@@ -225,6 +242,7 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
                                           "rename one model"))
             services[service] = spec.name
 
+    issues += adapter_issues(config, lambda spec: chat_engine(config, spec))
     emb = config.embedding
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",

@@ -153,6 +153,9 @@ def create_app(config: Config) -> HotPath:
         for name, route in router.routes.items():
             data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
                          "type": route.spec.type, "engine": route.engine})
+        for name, route in router.adapters.items():
+            data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
+                         "type": route.spec.type, "engine": route.engine, "parent": route.spec.parent})
         for alias in router.aliases:
             route = router.resolve(alias)
             if route is not None:
@@ -168,6 +171,8 @@ def create_app(config: Config) -> HotPath:
             raise ModelNotFound(model_id, router.names())
         entry = {"id": model_id, "object": "model", "created": state.started, "owned_by": "vilms",
                  "type": route.spec.type, "engine": route.engine}
+        if route.spec.parent:
+            entry["parent"] = route.spec.parent
         return _json(entry if model_id == route.name else {**entry, "alias_of": route.name})
 
     def method_hint(path: str) -> Callable[[], Awaitable[Response]]:

@@ -58,6 +58,8 @@ class GatewayState:
                                          max_side=params.get("max-image-side", serving["default-max-image-side"]),
                                          max_pixels=media["max-pixels"]),
             )
+        for name, route in router.adapters.items():  # an adapter runs with its base model's params and limits
+            extras[name] = extras[route.spec.parent]
         embedders = {}
         for name, route in router.routes.items():
             if route.spec.is_embedding and route.engine == "local":
