@@ -8,6 +8,7 @@ molecule rig and the demo) or with canned, deterministic words (tests, benchmark
 holding each token `--token-delay-ms`.
 
 Test hooks, by model name: a model named `fail-midstream` streams two tokens then an error line.
+With `format`, the (non-streamed) answer is a JSON object filling the schema's properties.
 With `tools`, the answer calls every tool offered (arguments `{"city": "Hanoi"}`); streamed, one call per NDJSON
 line, as Ollama does for parallel calls. `logprobs`/`top_logprobs` add Ollama's per-token `logprobs`.
 Every request body is logged in `state["requests"]` and its headers in `state["headers"]` (tests read both).
@@ -147,6 +148,13 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
                                                                for i, w in enumerate(WORDS[: max(top - 1, 0)])]
         return {"logprobs": [{"token": piece, "logprob": -0.25, "top_logprobs": alternatives[:top]}]}
 
+    def formatted(fmt: Any, words: list[str]) -> str:
+        """With `format` (json or a schema), a JSON object: each schema property filled by its type."""
+        props = (fmt.get("properties") or {}) if isinstance(fmt, dict) else {}
+        fill = {"string": " ".join(w.strip() for w in words) or "alpha", "integer": 1, "number": 1.5, "boolean": True,
+                "array": [], "object": {}}
+        return orjson.dumps({k: fill.get(v.get("type"), None) for k, v in props.items()}).decode()
+
     def tool_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"function": {"name": t["function"]["name"], "arguments": {"city": "Hanoi"}}} for t in tools]
 
@@ -174,6 +182,8 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
                 reason = finish or reason
                 probs += logprobs(body, piece).get("logprobs", [])
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if body.get("format"):
+                message["content"], reason = formatted(body["format"], text.split()), "stop"
             if tools:
                 message = {"role": "assistant", "content": "", "tool_calls": tool_calls(tools)}
                 reason, probs = "stop", []
