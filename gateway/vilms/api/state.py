@@ -79,6 +79,11 @@ class GatewayState:
         self.session = make_session(self.config.gateway)
         self.engines.update(build_engines(self.session, self.config.gateway["total-timeout"]))
         if self.config.embedding["load"] == "eager":
+            for reranker in self.rerankers.values():  # local rerankers follow embedding.load too
+                try:
+                    await reranker.load()
+                except Exception as exc:  # keep serving; the first rerank request answers 503 with the reason
+                    log.error("reranker failed to load", extra={"fields": {"model": reranker.name, "error": str(exc)}})
             for embedder in self.embedders.values():
                 try:
                     await embedder.load()
@@ -110,6 +115,9 @@ class GatewayState:
         results = await asyncio.gather(*(c[2] for c in checks))
         backends = [{"engine": engine, "models": [r.name for r in routes], "ready": ok}
                     for (engine, routes, _), ok in zip(checks, results)]
+        for name, reranker in self.rerankers.items():
+            lazy = self.config.embedding["load"] == "lazy"
+            backends.append({"engine": "local", "models": [name], "ready": reranker.model is not None or lazy})
         for name, embedder in self.embedders.items():
             lazy = self.config.embedding["load"] == "lazy"
             backends.append({"engine": "local", "models": [name], "ready": embedder.model is not None or lazy})
