@@ -239,3 +239,23 @@ def test_passthrough_renames_the_model_fills_defaults_and_relays(responses_engin
             final = stream.get_final_response()
         assert final.output_text == "alpha bravo charlie "
         assert responses_engine.state["requests"][-1][1]["stream"] is True
+
+
+def test_passthrough_checks_images_like_chat(responses_engine):
+    config = {"host": {"platform": "dgpu"},
+              "serving": {"engine": "vllm", "vllm-base-url": responses_engine.url,
+                          "models": [{"name": "org/served-model", "type": "vlm", "engine": "vllm",
+                                      "params": {"max-image-side": 64}}]}}
+    with gateway(config) as gw:
+        client(gw).responses.create(model="org/served-model", input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "colour?"}, {"type": "input_image", "image_url": png_data_url(128),
+                                                        "detail": "auto"}]}])
+        content = responses_engine.state["requests"][-1][1]["input"][0]["content"]
+        assert content[0] == {"type": "input_text", "text": "colour?"}
+        image = Image.open(io.BytesIO(base64.b64decode(content[1]["image_url"].partition(",")[2])))
+        assert image.size == (64, 64)  # downscaled to the model's max-image-side before the engine saw it
+        bogus = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+        before = len(responses_engine.state["requests"])
+        r = httpx.post(gw.url + "/v1/responses", json={"model": "org/served-model", "input": [
+            {"role": "user", "content": [{"type": "input_image", "image_url": bogus}]}]})
+        assert r.status_code == 400 and len(responses_engine.state["requests"]) == before
