@@ -259,3 +259,22 @@ def test_passthrough_checks_images_like_chat(responses_engine):
         r = httpx.post(gw.url + "/v1/responses", json={"model": "org/served-model", "input": [
             {"role": "user", "content": [{"type": "input_image", "image_url": bogus}]}]})
         assert r.status_code == 400 and len(responses_engine.state["requests"]) == before
+
+
+@pytest.mark.llama
+def test_real_engine_behind_the_ollama_api():
+    """The Ollama stand-in generating with the real llama.cpp engine (as the rig runs it)."""
+    from devkit.ollama_standin import create_app
+
+    from tests.support import tiny_gguf
+
+    app = create_app(["tiny:1b"], gguf=str(tiny_gguf()))
+    with ThreadedServer(app) as engine:
+        config = {"host": {"platform": "js"}, "serving": {"ollama-base-url": engine.url,
+                                                          "models": [{"name": "tiny:1b", "aliases": ["LLM"]}]}}
+        with gateway(config) as gw:
+            response = client(gw).responses.create(model="LLM", input="hello", max_output_tokens=4)
+            assert response.output_text and 1 <= response.usage.output_tokens <= 4
+            events = raw_events(gw, model="LLM", input="count", max_output_tokens=4)
+            deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+            assert deltas and Response.model_validate(events[-1]["response"]).output_text == deltas
