@@ -191,3 +191,9 @@ def test_tool_choice_none_with_response_format_uses_the_format(gw, ollama_standi
     assert post(gw, tools=TOOLS, tool_choice="none", response_format={"type": "json_object"}).status_code == 200
     sent = last_chat(ollama_standin)
     assert sent["format"] == "json" and "tools" not in sent
+
+
+def test_malformed_tools_are_a_400(gw, ollama_standin):
+    r = post(gw, tools={"type": "function"}, tool_choice={"type": "function", "function": {"name": "add"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert not ollama_standin.state["requests"]

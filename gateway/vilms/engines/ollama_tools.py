@@ -23,6 +23,8 @@ def selected_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     `auto` and `required` send every tool (Ollama cannot force a call: `required` is best effort).
     """
     tools = body.get("tools") or None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise BadRequest("tools must be a list of tool objects", param="tools")
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
         if choice == "required" and not tools:
