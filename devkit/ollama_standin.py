@@ -1,4 +1,5 @@
-"""A stand-in for Ollama's native API (/api/chat, /api/embed, /api/pull, /api/tags, /api/version).
+"""A stand-in for Ollama's native API (/api/chat, /api/generate, /api/embed, /api/pull, /api/create, /api/tags,
+/api/version).
 
 Ollama's own images cannot be pulled here. This server speaks the same wire protocol so the
 gateway's Ollama adapter, the `ollama` client library and the Ansible model-pull step are
@@ -7,6 +8,10 @@ molecule rig and the demo) or with canned, deterministic words (tests, benchmark
 holding each token `--token-delay-ms`.
 
 Test hooks, by model name: a model named `fail-midstream` streams two tokens then an error line.
+With `format`, the (non-streamed) answer is a JSON object filling the schema's properties.
+With `tools`, the answer calls every tool offered (arguments `{"city": "Hanoi"}`); streamed, one call per NDJSON
+line, as Ollama does for parallel calls. `logprobs`/`top_logprobs` add Ollama's per-token `logprobs`.
+Every request body is logged in `state["requests"]` and its headers in `state["headers"]` (tests read both).
 
     python -m devkit.ollama_standin --port 11434 [--gguf tiny.gguf] [--models a,b]
 """
@@ -64,7 +69,7 @@ class Generator:
 
 def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float = 0.0,
                embed_dim: int = 8) -> Starlette:
-    state: dict[str, Any] = {"models": set(models), "requests": [], "generator": Generator(gguf)}
+    state: dict[str, Any] = {"models": set(models), "requests": [], "headers": [], "generator": Generator(gguf)}
 
     def known(name: str) -> bool:
         return name in state["models"] or name.split(":")[0] in {m.split(":")[0] for m in state["models"]} or name == "fail-midstream"
@@ -75,6 +80,16 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
 
     async def version(request: Request) -> Response:
         return Response(orjson.dumps({"version": "0.6.8-standin"}), media_type="application/json")
+
+    async def create(request: Request) -> Response:
+        """/api/create: a derived model (FROM an existing one, optional LoRA adapters) becomes listed."""
+        body = orjson.loads(await request.body())
+        state["requests"].append(("create", body))
+        if not known(body.get("from", "")):
+            return not_found(body.get("from", ""))
+        name = body["model"]
+        state["models"].add(name if ":" in name else name + ":latest")  # as Ollama names it
+        return Response(orjson.dumps({"status": "success"}), media_type="application/json")
 
     async def tags(request: Request) -> Response:
         return Response(orjson.dumps({"models": [
@@ -125,9 +140,28 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
                 "done": True, "done_reason": reason, "total_duration": elapsed, "load_duration": 0,
                 "prompt_eval_count": prompt, "prompt_eval_duration": 1, "eval_count": count, "eval_duration": elapsed}
 
+    def logprobs(body: dict[str, Any], piece: str) -> dict[str, Any]:
+        if not body.get("logprobs") or not piece:
+            return {}
+        top = int(body.get("top_logprobs") or 0)
+        alternatives = [{"token": piece, "logprob": -0.25}] + [{"token": w + " ", "logprob": -2.0 - i}
+                                                               for i, w in enumerate(WORDS[: max(top - 1, 0)])]
+        return {"logprobs": [{"token": piece, "logprob": -0.25, "top_logprobs": alternatives[:top]}]}
+
+    def formatted(fmt: Any, words: list[str]) -> str:
+        """With `format` (json or a schema), a JSON object: each schema property filled by its type."""
+        props = (fmt.get("properties") or {}) if isinstance(fmt, dict) else {}
+        fill = {"string": " ".join(w.strip() for w in words) or "alpha", "integer": 1, "number": 1.5, "boolean": True,
+                "array": [], "object": {}}
+        return orjson.dumps({k: fill.get(v.get("type"), None) for k, v in props.items()}).decode()
+
+    def tool_calls(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"function": {"name": t["function"]["name"], "arguments": {"city": "Hanoi"}}} for t in tools]
+
     async def chat(request: Request) -> Response:
         body = orjson.loads(await request.body())
         state["requests"].append(("chat", body))
+        state["headers"].append(("chat", dict(request.headers)))
         if not known(body.get("model", "")):
             return not_found(body.get("model", ""))
         started = time.perf_counter()
@@ -141,36 +175,70 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
             return StreamingResponse(broken(), media_type="application/x-ndjson")
         tools = body.get("tools")
         if not stream:
-            text, reason, count = "", "length", 0
+            text, reason, count, probs = "", "length", 0, []
             async for piece, finish in tokens(body):
                 text += piece
                 count += bool(piece)
                 reason = finish or reason
+                probs += logprobs(body, piece).get("logprobs", [])
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if body.get("format"):
+                message["content"], reason = formatted(body["format"], text.split()), "stop"
             if tools:
-                fn = tools[0]["function"]
-                message = {"role": "assistant", "content": "",
-                           "tool_calls": [{"function": {"name": fn["name"], "arguments": {"city": "Hanoi"}}}]}
-                reason = "stop"
+                message = {"role": "assistant", "content": "", "tool_calls": tool_calls(tools)}
+                reason, probs = "stop", []
             reply = final(body, reason, count, started)
             reply["message"] = message
+            if probs:
+                reply["logprobs"] = probs
             return Response(orjson.dumps(reply), media_type="application/json")
 
         async def lines() -> AsyncIterator[bytes]:
             count, reason = 0, "length"
+            if tools:  # one call per line, as Ollama streams parallel calls
+                for call in tool_calls(tools):
+                    yield _ndjson({"model": body["model"], "created_at": _now(),
+                                   "message": {"role": "assistant", "content": "", "tool_calls": [call]}, "done": False})
+                yield _ndjson(final(body, "stop", len(tools), started))
+                return
             async for piece, finish in tokens(body):
                 if piece:
                     count += 1
                     yield _ndjson({"model": body["model"], "created_at": _now(),
-                                   "message": {"role": "assistant", "content": piece}, "done": False})
+                                   "message": {"role": "assistant", "content": piece}, "done": False,
+                                   **logprobs(body, piece)})
                 reason = finish or reason
             yield _ndjson(final(body, reason, count, started))
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def generate(request: Request) -> Response:
+        """/api/generate: the prompt (raw) continued with the same tokens chat would give, one line per token."""
+        body = orjson.loads(await request.body())
+        state["requests"].append(("generate", body))
+        state["headers"].append(("generate", dict(request.headers)))
+        if not known(body.get("model", "")):
+            return not_found(body.get("model", ""))
+        started = time.perf_counter()
+        as_chat = {**body, "messages": [{"role": "user", "content": body.get("prompt", "")}]}
+        pieces, reason = [], "length"
+        async for piece, finish in tokens(as_chat):
+            if piece:
+                pieces.append(piece)
+            reason = finish or reason
+        done = {k: v for k, v in final(as_chat, reason, len(pieces), started).items() if k != "message"}
+        if not body.get("stream", True):
+            probs = [p for piece in pieces for p in logprobs(body, piece).get("logprobs", [])]
+            return Response(orjson.dumps({**done, "response": "".join(pieces), **({"logprobs": probs} if probs else {})}),
+                            media_type="application/json")
+        lines = [_ndjson({"model": body["model"], "created_at": _now(), "response": p, "done": False,
+                          **logprobs(body, p)}) for p in pieces]
+        return StreamingResponse(iter(lines + [_ndjson({**done, "response": ""})]), media_type="application/x-ndjson")
+
     async def embed(request: Request) -> Response:
         body = orjson.loads(await request.body())
         state["requests"].append(("embed", body))
+        state["headers"].append(("embed", dict(request.headers)))
         if not known(body.get("model", "")):
             return not_found(body.get("model", ""))
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -187,6 +255,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
     app = Starlette(routes=[
         Route("/api/version", version), Route("/api/tags", tags), Route("/api/pull", pull, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]), Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]), Route("/api/create", create, methods=["POST"]),
         Route("/", lambda r: Response("Ollama is running"))])
     app.state.standin = state
     return app

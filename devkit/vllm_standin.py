@@ -11,8 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 GGUF = os.environ.get("VILMS_STANDIN_GGUF", "/opt/standin/tiny.gguf")
+
+
+def any_request_id(app: Any) -> Any:
+    """vLLM takes any x-request-id (it logs it); llama-cpp-python's server answers a non-UUID one with a 400."""
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"]}
+        await app(scope, receive, send)
+    return wrapped
 
 
 def main() -> None:
@@ -34,7 +44,7 @@ def main() -> None:
                                                    embedding=True, kv_overrides=["llama.pooling_type=int:1"],
                                                    verbose=False)])
     app.add_api_route("/health", lambda: Response(status_code=200), methods=["GET"])
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(any_request_id(app), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

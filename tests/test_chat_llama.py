@@ -90,6 +90,7 @@ def test_vllm_standin_takes_vllms_command_line():
     with subprocess_server(args, "/health", port, env={"VILMS_STANDIN_GGUF": str(tiny_gguf())}) as url:
         models = httpx.get(url + "/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["Qwen/Qwen3-4B"]
-        completion = ChatCompletion.model_validate(httpx.post(url + "/v1/chat/completions", timeout=30, json={
+        completion = ChatCompletion.model_validate(httpx.post(url + "/v1/chat/completions", timeout=30, headers={
+            "x-request-id": "gw-0000000001"}, json={  # the gateway forwards its request ids to vLLM
             "model": "Qwen/Qwen3-4B", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}).json())
         assert completion.choices[0].finish_reason == "length"

@@ -54,13 +54,13 @@ def test_standin_speaks_ollamas_protocol(ollama_standin):
 def test_params_become_ollama_options_and_request_values_win(gw, ollama_standin):
     raw = httpx.post(gw.url + "/v1/chat/completions", json={
         "model": "VLM_SMALL", "messages": [{"role": "user", "content": "describe"}], "temperature": 0.9,
-        "top_p": 0.5, "seed": 7, "response_format": {"type": "json_object"},
+        "top_p": 0.5, "seed": 7,  # tools with response_format: a 400 on Ollama (test_api_ollama_tools)
         "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}).json()
     sent = last_chat(ollama_standin)
     assert sent["model"] == "qwen2.5vl:3b" and sent["stream"] is False
     assert sent["options"] == {"temperature": 0.9, "top_p": 0.5, "seed": 7, "num_ctx": 4096, "num_predict": 5,
                                "stop": ["zulu"]}
-    assert sent["keep_alive"] == "30m" and sent["format"] == "json"
+    assert sent["keep_alive"] == "30m"
     assert sent["tools"][0]["function"]["name"] == "weather"
     completion = ChatCompletion.model_validate(raw)
     assert completion.choices[0].finish_reason == "tool_calls"

@@ -19,6 +19,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from . import weights
 from .config import Config
 from .params import vllm_cli_args
+from .adapters import vllm_lora_args
 from .routing import GATEWAY_SERVICE, EngineService, Router, stack_services
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -123,7 +124,8 @@ def _compose_service(config: Config, svc: EngineService, host_port: int) -> Comp
         volumes, environment, model = ([f"{shipped.host_dir}:{shipped.container_path}:ro"], {"HF_HUB_OFFLINE": "1"},
                                        shipped.container_path)
     command = ["--model", model or spec.name, "--served-model-name", spec.name,
-               "--host", "0.0.0.0", "--port", str(svc.port), *vllm_cli_args(spec.params), *spec.vllm_args]
+               "--host", "0.0.0.0", "--port", str(svc.port), *vllm_cli_args(spec.params), *vllm_lora_args(spec),
+               *spec.vllm_args]
     return ComposeService(
         name=svc.name, kind="vllm", image=image_ref(config, "vllm"), port=svc.port, models=[spec.name],
         command=command, volumes=volumes, environment=environment,

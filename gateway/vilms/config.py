@@ -43,6 +43,16 @@ def as_url_list(value: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter on a base model: `name` is what clients ask for and what the engine serves it as."""
+
+    name: str
+    path: str
+    aliases: tuple[str, ...] = ()
+    pointer: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One configured model, as written (before routing decides its engine)."""
 
@@ -57,6 +67,10 @@ class ModelSpec:
     trust_remote_code: bool = False
     matryoshka: bool = False
     pointer: str = ""
+    adapters: tuple[AdapterSpec, ...] = ()
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    parent: str | None = None  # set on an adapter's own spec: the base model it runs on
 
     @property
     def is_embedding(self) -> bool:
@@ -117,6 +131,11 @@ def _model_specs(filled: dict[str, Any]) -> list[ModelSpec]:
                 trust_remote_code=bool(m.get("trust-remote-code", False)),
                 matryoshka=bool(m.get("matryoshka", False)),
                 pointer=f"/serving/models/{index}",
+                adapters=tuple(AdapterSpec(a["name"], a["path"], tuple(a.get("aliases") or ()),
+                                           f"/serving/models/{index}/adapters/{j}")
+                               for j, a in enumerate(m.get("adapters") or ())),
+                max_loras=m.get("max-loras"),
+                max_lora_rank=m.get("max-lora-rank"),
             )
         )
     emb = filled["embedding"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from .adapters import adapter_issues, adapter_spec, all_adapters
 from .config import Config, ModelSpec, as_url_list
 from .schema import ConfigIssue
 
@@ -97,7 +98,12 @@ def chat_engine(config: Config, spec: ModelSpec) -> str:
     return serving["engine"]
 
 
+def is_reranker(spec: ModelSpec) -> bool:
+    return spec.type == "reranker"
+
+
 def embedding_engine(spec: ModelSpec) -> str:
+    """Embedding and reranker models: their own engine, else a remote OpenAI-compatible one, else local."""
     if spec.engine:
         return spec.engine
     return "openai" if spec.base_urls else "local"
@@ -129,20 +135,25 @@ class Router:
         self.config = config
         self.routes: dict[str, Route] = {}
         for spec in config.models:
-            engine = embedding_engine(spec) if spec.is_embedding else chat_engine(config, spec)
+            engine = embedding_engine(spec) if spec.is_embedding or is_reranker(spec) else chat_engine(config, spec)
             self.routes[spec.name] = Route(spec, engine, engine_urls(config, spec, engine))
+        # LoRA adapters: the base's engine and URLs, the adapter's name as the engine-side model.
+        self.adapters: dict[str, Route] = {}
+        for base, adapter in all_adapters(config):
+            route = self.routes[base.name]
+            self.adapters.setdefault(adapter.name, Route(adapter_spec(base, adapter), route.engine, route.base_urls))
         self.aliases: dict[str, str] = {}
         for alias, target in _alias_edges(config):
             self.aliases.setdefault(alias, target)
-        self._lookup: dict[str, Route] = dict(self.routes)
+        self._lookup: dict[str, Route] = {**self.adapters, **self.routes}
         for alias in self.aliases:
             target = self.follow(alias)
-            if target in self.routes:
-                self._lookup[alias] = self.routes[target]
+            if target in self._lookup:
+                self._lookup[alias] = self._lookup[target]
 
     def follow(self, name: str) -> str:
         seen = {name}
-        while name in self.aliases and name not in self.routes:
+        while name in self.aliases and name not in self.routes and name not in self.adapters:
             name = self.aliases[name]
             if name in seen:
                 break
@@ -158,7 +169,9 @@ class Router:
         for name, route in self._lookup.items():
             if kind == "embedding" and not route.spec.is_embedding:
                 continue
-            if kind == "chat" and route.spec.is_embedding:
+            if kind == "chat" and (route.spec.is_embedding or is_reranker(route.spec)):
+                continue
+            if kind == "reranker" and not is_reranker(route.spec):
                 continue
             out.append(name)
         return out
@@ -259,6 +272,9 @@ def _alias_edges(config: Config) -> Iterable[tuple[str, str]]:
     for spec in config.models:
         for alias in spec.aliases:
             yield alias, spec.name
+    for _, adapter in all_adapters(config):
+        for alias in adapter.aliases:
+            yield alias, adapter.name
 
 
 def semantic_issues(config: Config) -> list[ConfigIssue]:
@@ -270,6 +286,11 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"{spec.pointer}/name", f"model {spec.name!r} is defined twice",
                                       f"first definition at {models[spec.name].pointer}"))
         models.setdefault(spec.name, spec)
+    for base, adapter in all_adapters(config):
+        if adapter.name in models:
+            issues.append(ConfigIssue(f"{adapter.pointer}/name", f"adapter name {adapter.name!r} is already a model "
+                                      "or adapter name", f"first definition at {models[adapter.name].pointer}"))
+        models.setdefault(adapter.name, adapter_spec(base, adapter))
 
     # Where each alias is defined, to report conflicts rather than let one silently win.
     definitions: dict[str, list[tuple[str, str]]] = {}
@@ -279,6 +300,9 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
         for i, alias in enumerate(spec.aliases):
             where = f"{spec.pointer}/aliases/{i}" if spec.pointer != "/embedding" else f"/embedding/aliases/{i}"
             definitions.setdefault(alias, []).append((spec.name, where))
+    for _, adapter in all_adapters(config):
+        for i, alias in enumerate(adapter.aliases):
+            definitions.setdefault(alias, []).append((adapter.name, f"{adapter.pointer}/aliases/{i}"))
 
     for alias, defs in definitions.items():
         if alias in models:
@@ -308,10 +332,13 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
                                           "known models: " + ", ".join(sorted(models)) if models else "no models configured"))
 
     for spec in config.models:
-        if spec.is_embedding:
+        if spec.is_embedding or is_reranker(spec):
             engine = embedding_engine(spec)
             if engine == "local" and not (spec.path or spec.name):
-                issues.append(ConfigIssue(spec.pointer, "local embedding model needs a name or path"))
+                issues.append(ConfigIssue(spec.pointer, f"local {spec.type} model needs a name or path"))
+            if is_reranker(spec) and engine == "ollama":
+                issues.append(ConfigIssue(f"{spec.pointer}/engine", "Ollama has no rerank API",
+                                          "serve rerankers locally (engine: local, with path) or on vllm/openai"))
         else:
             engine = chat_engine(config, spec)
             if spec.engine == "local":
@@ -322,6 +349,7 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
                                       "set base-url on the model, or serving.base-url with serving.engine: openai"))
 
     issues.extend(stack_service_issues(config))
+    issues += adapter_issues(config, lambda spec: chat_engine(config, spec))
     emb = config.embedding
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",

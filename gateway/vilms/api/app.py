@@ -24,10 +24,16 @@ from ..errors import BadRequest, GatewayError, ModelNotFound, scrub
 from ..media import inspect_content, prepare_images
 from ..observe import REGISTRY, Observation
 from ..params import apply_defaults, clamp_tokens, enforce_policy
-from .guard import Guard, caller_request_id
+from ..tokens import decode_token_input
+from . import completions as completions_api
+from . import rerank as rerank_api
+from . import responses as responses_api
+from .guard import Admitted, Guard, caller_request_id
 from .openapi import describe
 from .requests import ChatRequest, EmbeddingRequest, parse_json, read_body, validated
 from .state import GatewayState
+
+Handler = Callable[[dict[str, Any], GatewayState, Observation, "Admitted"], Awaitable[Response]]
 
 JSON = "application/json"
 log = logging.getLogger("vilms.gateway")
@@ -180,12 +186,60 @@ def create_app(config: Config) -> HotPath:
             if key is None or key.allows(name):
                 data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
                              "type": route.spec.type, "engine": route.engine})
+        for name, route in router.adapters.items():
+            if key is None or key.allows(name):
+                data.append({"id": name, "object": "model", "created": state.started, "owned_by": "vilms",
+                             "type": route.spec.type, "engine": route.engine, "parent": route.spec.parent})
         for alias in router.aliases:
             route = router.resolve(alias)
             if route is not None and (key is None or key.allows(route.name)):
                 data.append({"id": alias, "object": "model", "created": state.started, "owned_by": "vilms",
                              "type": route.spec.type, "engine": route.engine, "alias_of": route.name})
         return _json({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(request: Request, model_id: str) -> Response:
+        """One entry of /v1/models (openai's `client.models.retrieve`); ids may hold slashes (Qwen/Qwen3-4B)."""
+        key = guard.authorize_read(request)
+        route = router.resolve(model_id)
+        if route is None or (key is not None and not key.allows(route.name)):
+            raise ModelNotFound(model_id, [n for n in router.names() if key is None or key.allows(n)])
+        entry = {"id": model_id, "object": "model", "created": state.started, "owned_by": "vilms",
+                 "type": route.spec.type, "engine": route.engine}
+        if route.spec.parent:
+            entry["parent"] = route.spec.parent
+        return _json(entry if model_id == route.name else {**entry, "alias_of": route.name})
+
+    def served(path: str, kind: str, handler: Handler) -> None:
+        """A POST route whose handler lives in its own module: the same guard, body budget, request id, metrics
+        and envelopes as chat; the handler gets the parsed body and what it still owes (model scope, caps, slot)."""
+        async def route(request: Request) -> Response:
+            request_id = _request_id(request)
+            obs = Observation(kind, request_id)
+            held = 0
+            try:
+                key = guard.admit(request, obs)
+                raw = await read_body(request, guard.body_limit, guard.budget, guard.body_timeout)
+                held = len(raw)
+                body = parse_json(raw, guard.max_nodes)
+                response = await handler(body, state, obs, Admitted(guard, key))
+            except GatewayError as exc:
+                obs.finish(exc.status, exc.code or "")
+                return _error(exc, request_id)
+            except Exception:
+                return _internal(path, request_id, obs)
+            finally:
+                guard.budget.give(held)
+            response.headers["x-request-id"] = request_id
+            return response
+        app.add_api_route(path, route, methods=["POST"])
+        hot[path] = route
+
+    hot: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+    served("/v1/responses", "responses", responses_api.handle)
+    served("/v1/rerank", "rerank", rerank_api.handle)
+    served("/v1/completions", "completions", completions_api.handle)
+    served("/rerank", "rerank", rerank_api.handle)
 
     async def chat_completions(request: Request) -> Response:
         request_id = _request_id(request)
@@ -200,8 +254,9 @@ def create_app(config: Config) -> HotPath:
             route = router.resolve(parsed.model)
             if route is None:
                 raise ModelNotFound(parsed.model, router.names("chat"))
-            if route.spec.is_embedding:
-                raise BadRequest(f"{parsed.model!r} is an embedding model; use /v1/embeddings", param="model")
+            if route.spec.is_embedding or route.spec.type == "reranker":
+                raise BadRequest(f"{parsed.model!r} is a {route.spec.type} model, not a chat model; use /v1/embeddings "
+                                 "or /v1/rerank", param="model")
             guard.allow_model(key, route, parsed.model)
             obs.bind(route.name, route.engine)
             extras = state.extras[route.name]
@@ -252,7 +307,7 @@ def create_app(config: Config) -> HotPath:
             if not route.spec.is_embedding:
                 raise BadRequest(f"{parsed.model!r} is a chat model; use /v1/chat/completions", param="model")
             guard.allow_model(key, route, parsed.model)
-            texts = texts_from_input(parsed.input)
+            texts = texts_from_input(await decode_token_input(parsed.input))
             obs.bind(route.name, route.engine)
             await guard.slot(route, obs)
             if route.engine == "local":
@@ -277,5 +332,5 @@ def create_app(config: Config) -> HotPath:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.openapi = lambda: describe(app, router)  # type: ignore[method-assign]
-    return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings})
+    return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings, **hot})
 

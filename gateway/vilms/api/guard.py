@@ -52,6 +52,11 @@ class Guard:
                 shared[backend] = BackendLimiter(f"{route.engine}:{name}", gw["backend-concurrency"],
                                                  gw["backend-queue"], gw["queue-timeout"])
             self.limiters[name] = shared[backend]
+        for name, route in router.adapters.items():  # a LoRA adapter runs on its base's service, under its caps
+            parent = route.spec.parent
+            self.policies[name], self.part_types[name] = self.policies[parent], self.part_types[parent]
+            if parent in self.limiters:
+                self.limiters[name] = self.limiters[parent]
 
     def admit(self, request: Request, obs: Observation) -> ApiKey | None:
         """Key first (nothing else is told to a stranger), then its rate and concurrency, then content type."""
@@ -85,3 +90,23 @@ class Guard:
 
     def close(self) -> None:
         self.decoder.close()
+
+
+class Admitted:
+    """A request the guard let in (key, content type, body budget): the per-model checks it still owes.
+
+    The routes beyond chat and embeddings (responses, completions, rerank) get one, so they keep the same
+    model scope, operator caps, part types, image limits and backend slots as chat without repeating them.
+    """
+
+    def __init__(self, guard: Guard, key: ApiKey | None):
+        self.guard, self.key = guard, key
+
+    def allow(self, route: Route, asked: str) -> None:
+        self.guard.allow_model(self.key, route, asked)
+
+    def policy(self, route: Route) -> RequestPolicy:
+        return self.guard.policies[route.name]
+
+    async def slot(self, route: Route, obs: Observation) -> None:
+        await self.guard.slot(route, obs)

@@ -15,7 +15,6 @@ Generic OpenAI-compatible servers are judged by their /v1/models answering: prox
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol

@@ -10,12 +10,13 @@ from typing import Any
 import aiohttp
 
 from ..config import Config
-from ..embeddings.build import Embedder, build_embedders
+from ..embeddings.build import Embedder, batch_settings, build_embedders
 from ..engines import Engine, build_engines
 from ..fetch import ImageFetcher
 from ..http import make_session
 from ..media import ImageLimits
 from ..params import request_defaults
+from ..rerank import LocalReranker
 from ..routing import Router
 from ..weights import runtime_source
 from .readiness import model_report
@@ -43,6 +44,7 @@ class GatewayState:
     session: aiohttp.ClientSession | None = None
     engines: dict[str, Engine] = field(default_factory=dict)
     embed_errors: dict[str, str] = field(default_factory=dict)  # eager loads that failed: readiness says "failed"
+    rerankers: dict[str, LocalReranker] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
@@ -59,13 +61,26 @@ class GatewayState:
                                          max_pixels=media["max-pixels"], max_bytes=media["max-bytes"],
                                          formats=tuple(media["formats"])),
             )
-        return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras)
+        for name, route in router.adapters.items():  # an adapter runs with its base model's params and limits
+            extras[name] = extras[route.spec.parent]
+        settings = batch_settings(config.embedding)
+        rerankers = {name: LocalReranker(name, runtime_source(config, route.spec), device=config.embedding["device"],
+                                         trust_remote_code=route.spec.trust_remote_code,
+                                         max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+                     for name, route in router.routes.items()
+                     if route.spec.type == "reranker" and route.engine == "local"}
+        return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras, rerankers=rerankers)
 
     async def start(self) -> None:
         # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.
         self.session = make_session(self.config.gateway)
         self.engines.update(build_engines(self.session, self.config.gateway["total-timeout"]))
         if self.config.embedding["load"] == "eager":
+            for reranker in self.rerankers.values():  # local rerankers follow embedding.load too
+                try:
+                    await reranker.load()
+                except Exception as exc:  # keep serving; the first rerank request answers 503 with the reason
+                    log.error("reranker failed to load", extra={"fields": {"model": reranker.name, "error": str(exc)}})
             for embedder in self.embedders.values():
                 try:
                     await embedder.load()
@@ -77,6 +92,8 @@ class GatewayState:
     async def stop(self) -> None:
         for embedder in self.embedders.values():
             await embedder.aclose()
+        for reranker in self.rerankers.values():
+            await reranker.aclose()
         await self.fetcher.aclose()
         if self.session is not None:
             await self.session.close()
@@ -89,5 +106,5 @@ class GatewayState:
     def local_runners(self) -> dict[str, Any]:
         """Every model the gateway runs in-process, by name: readiness asks each whether it is loaded or loadable."""
         runners: dict[str, Any] = dict(self.embedders)
-        runners.update(getattr(self, "rerankers", {}))  # in-gateway rerankers (issue #13) have the same shape
+        runners.update(self.rerankers)  # in-gateway rerankers have the same shape
         return runners

@@ -43,6 +43,7 @@ class Engine(ABC):
     """An adapter from the gateway's OpenAI-shaped calls to one backend kind."""
 
     kind: str = "?"
+    forwards_request_id: bool = True  # x-request-id to the engine (some OpenAI-compatible servers reject non-UUIDs)
 
     def __init__(self, session: aiohttp.ClientSession, total_timeout: float):
         self.session = session
@@ -64,9 +65,10 @@ class Engine(ABC):
         it is never re-sent elsewhere (it may already be generating).
         """
         last: Exception | None = None
+        headers = request_headers(obs) if self.forwards_request_id else JSON_HEADERS
         for base in urls:
             try:
-                response = await self.session.post(base + path, data=payload, headers=JSON_HEADERS)
+                response = await self.session.post(base + path, data=payload, headers=headers)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 last = exc
                 continue
@@ -166,6 +168,13 @@ class Engine(ABC):
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+
+def request_headers(obs: Observation) -> dict[str, str]:
+    """JSON plus the request's id, so engine logs can be joined to the gateway's ("-": no caller request)."""
+    if obs.request_id and obs.request_id != "-":
+        return {**JSON_HEADERS, "x-request-id": obs.request_id}
+    return JSON_HEADERS
 
 
 class ObservedStream(StreamingResponse):

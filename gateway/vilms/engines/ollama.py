@@ -16,6 +16,8 @@ from ..errors import BackendError, BadRequest, GatewayError, scrub
 from ..observe import Observation
 from ..routing import Route
 from .base import ChatCall, EmbedResult, Engine, sse_response
+from .ollama_tools import (ToolCallNumbering, check_format_with_tools, logprob_fields, ollama_messages_tool_fields,
+                           openai_logprobs, selected_tools, think_value)
 
 # OpenAI request field -> Ollama options key.
 _OPTIONS = {
@@ -56,24 +58,9 @@ def to_ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 item["images"] = images
         else:
             item["content"] = content or ""
-        if message.get("tool_calls"):
-            item["tool_calls"] = [
-                {"function": {"name": c["function"]["name"], "arguments": _json_args(c["function"].get("arguments"))}}
-                for c in message["tool_calls"]
-            ]
-        if message["role"] == "tool" and message.get("name"):
-            item["tool_name"] = message["name"]
         out.append(item)
+    ollama_messages_tool_fields(messages, out)
     return out
-
-
-def _json_args(arguments: Any) -> Any:
-    if isinstance(arguments, str):
-        try:
-            return orjson.loads(arguments) if arguments else {}
-        except orjson.JSONDecodeError:
-            return arguments
-    return arguments or {}
 
 
 def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
@@ -91,29 +78,19 @@ def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     if body.get("keep_alive") is not None:
         request["keep_alive"] = body["keep_alive"]
     fmt = body.get("response_format") or {}
+    tools = selected_tools(body)
+    check_format_with_tools(fmt, tools)
     if fmt.get("type") == "json_object":
         request["format"] = "json"
     elif fmt.get("type") == "json_schema":
         request["format"] = (fmt.get("json_schema") or {}).get("schema", {})
-    if body.get("tools"):
-        request["tools"] = body["tools"]
+    if tools:
+        request["tools"] = tools
     effort = body.get("reasoning_effort")
     if effort is not None:
-        request["think"] = effort if effort in ("low", "medium", "high") else bool(effort)
+        request["think"] = think_value(effort)
+    request.update(logprob_fields(body))
     return request
-
-
-def _tool_calls(calls: list[dict[str, Any]], with_index: bool) -> list[dict[str, Any]]:
-    out = []
-    for i, call in enumerate(calls):
-        fn = call.get("function", {})
-        args = fn.get("arguments", {})
-        entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": fn.get("name", ""), "arguments": args if isinstance(args, str) else orjson.dumps(args).decode()}}
-        if with_index:
-            entry["index"] = i
-        out.append(entry)
-    return out
 
 
 def _bad_shape(what: str) -> BackendError:
@@ -184,10 +161,11 @@ class OllamaEngine(Engine):
             message["reasoning_content"] = msg["thinking"]
         tools = msg.get("tool_calls") or []
         if tools:
-            message["tool_calls"] = _tool_calls(tools, with_index=False)
+            numbering = ToolCallNumbering(call.body.get("parallel_tool_calls") is not False)
+            message["tool_calls"] = numbering.convert(tools, with_index=False)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": call.route.name,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message, "logprobs": openai_logprobs(line.get("logprobs")),
                              "finish_reason": _finish_reason(line, bool(tools))}],
                 "usage": _usage(line)}
 
@@ -219,11 +197,12 @@ class NdjsonToSse:
         self.buffer = b""
         self.first = True
         self.saw_tools = False
+        self.numbering = ToolCallNumbering(call.body.get("parallel_tool_calls") is not False)
         self.head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                      "created": int(time.time()), "model": call.route.name}
 
-    def event(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def event(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return b"data: " + orjson.dumps({**self.head, "choices": [choice]}) + b"\n\n"
 
     def __call__(self, data: bytes) -> bytes:
@@ -250,10 +229,12 @@ class NdjsonToSse:
             if msg.get("thinking"):
                 delta["reasoning_content"] = msg["thinking"]
             if msg.get("tool_calls"):
-                self.saw_tools = True
-                delta["tool_calls"] = _tool_calls(msg["tool_calls"], with_index=True)
+                calls = self.numbering.convert(msg["tool_calls"], with_index=True)
+                if calls:
+                    self.saw_tools = True
+                    delta["tool_calls"] = calls
             if delta:
-                out.append(self.event(delta))
+                out.append(self.event(delta, logprobs=openai_logprobs(line.get("logprobs"))))
             if line.get("done"):
                 out.append(self.event({}, _finish_reason(line, self.saw_tools)))
                 if self.call.include_usage:

@@ -23,15 +23,22 @@ class OpenAICompatEngine(Engine):
     def __init__(self, session: aiohttp.ClientSession, total_timeout: float, kind: str = "openai"):
         super().__init__(session, total_timeout)
         self.kind = kind
+        # vLLM logs the caller's x-request-id; a generic server may not take it (llama-cpp-python's answers a
+        # non-UUID id with a bare 400), so only vLLM gets it.
+        self.forwards_request_id = kind == "vllm"
 
     async def chat(self, call: ChatCall) -> Response:
+        return await self.forward(call, "/v1/chat/completions")
+
+    async def forward(self, call: ChatCall, path: str) -> Response:
+        """POST the body to the engine's own `path` (chat, responses, completions, rerank) and relay the answer."""
         payload = orjson.dumps(call.body)
         urls = call.route.base_urls
         if not call.stream:
-            body = await self.post_json(call.obs, urls, "/v1/chat/completions", payload)
+            body = await self.post_json(call.obs, urls, path, payload)
             call.obs.finish(200)
             return Response(body, media_type="application/json")
-        upstream = await self.open_with_deadline(call.obs, urls, "/v1/chat/completions", payload)
+        upstream = await self.open_with_deadline(call.obs, urls, path, payload)
         return sse_response(self.relay(call, upstream), call, upstream)
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:

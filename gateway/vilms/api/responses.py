@@ -1,0 +1,143 @@
+"""POST /v1/responses, stateless: forwarded to engines that have the route, else served through chat.
+
+vLLM / OpenAI-compatible engines get the request at their own /v1/responses (model renamed, defaults filled,
+images checked as chat checks them); an engine without that route (404/405, e.g. llama.cpp's server) and
+Ollama get it translated to a chat request (engines/responses_bridge.py) and the answer translated back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from ..engines import ChatCall
+from ..engines.base import sse_response
+from ..engines.responses_bridge import StreamTranslator, chat_request, check_stateless, response_object
+from ..errors import BackendError, BadRequest, GatewayError
+from ..media import inspect_content, prepare_images
+from ..observe import Observation
+from ..params import OPERATOR_ONLY, apply_defaults, clamp_tokens, enforce_policy
+from ..routing import Route
+from .guard import Admitted
+from .requests import validated
+from .served import chat_route
+from .state import GatewayState
+
+_PASS_THROUGH = ("vllm", "openai")
+_NO_ROUTE = (404, 405)
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[Any]
+    instructions: str | None = None
+    stream: bool | None = False
+    store: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+
+
+async def handle(body: dict[str, Any], state: GatewayState, obs: Observation, admitted: Admitted) -> Response:
+    parsed = validated(ResponsesRequest, body)
+    check_stateless(body)
+    route = chat_route(state, parsed.model, obs, "/v1/responses", admitted)
+    policy = admitted.policy(route)
+    enforce_policy({k: v for k, v in body.items() if k in OPERATOR_ONLY}, None, policy)
+    if "stream" in body:  # forward what was validated ("false" as a string must not reach the engine)
+        body["stream"] = bool(parsed.stream)
+    await admitted.slot(route, obs)
+    if route.engine in _PASS_THROUGH:
+        forwarded = await _forward(state, route, body, obs, admitted)
+        if forwarded is not None:
+            return forwarded
+    return await _through_chat(state, route, body, obs, admitted)
+
+
+async def _forward(state: GatewayState, route: Route, body: dict[str, Any], obs: Observation,
+                   admitted: Admitted) -> Response | None:
+    """The engine's own /v1/responses; None when it has no such route (nothing was generated)."""
+    extras = state.extras[route.name]
+    forwarded = {**body, "model": route.name}
+    for key in ("temperature", "top_p"):
+        if forwarded.get(key) is None and extras.defaults.get(key) is not None:
+            forwarded[key] = extras.defaults[key]
+    if forwarded.get("max_output_tokens") is None and extras.max_tokens is not None:
+        forwarded["max_output_tokens"] = extras.max_tokens
+    cap = admitted.policy(route).max_tokens_cap
+    if forwarded.get("max_output_tokens") is None or forwarded["max_output_tokens"] > cap:
+        forwarded["max_output_tokens"] = cap  # the operator's ceiling holds on every route
+    forwarded["input"] = await _checked_images(state, route, forwarded["input"], admitted)
+    call = ChatCall(route, forwarded, obs, stream=bool(body.get("stream")))
+    try:
+        return await state.engines[route.engine].forward(call, "/v1/responses")
+    except GatewayError as exc:
+        if exc.status in _NO_ROUTE:  # no such route on this engine: serve it through chat instead
+            return None
+        raise
+
+
+_FORWARDED_PARTS = frozenset({"input_text", "output_text", "refusal", "input_image"})
+
+
+async def _checked_images(state: GatewayState, route: Route, items: Any, admitted: Admitted) -> Any:
+    """Every input_image goes through the chat image checks (part types, image count, decode, verify, frame cap,
+    resize) before the engine sees it; any other content part type is refused here (an engine would fetch its URL)."""
+    if not isinstance(items, list):
+        return items
+    converted: list[tuple[int, dict[str, Any]]] = []
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in _FORWARDED_PARTS:
+                raise BadRequest(f"input[{i}].content[{j}]: content part type {kind!r} is not accepted here",
+                                 param=f"input[{i}].content[{j}]", code="unsupported_content_part")
+        if any(p.get("type") == "input_image" for p in content):
+            parts = [{"type": "image_url", "image_url": {"url": p.get("image_url")}} if p.get("type") == "input_image"
+                     else {"type": "text", "text": p.get("text", "")} for p in content]
+            converted.append((i, {"role": "user", "content": parts}))
+    if not converted:
+        return items
+    guard, limits = admitted.guard, state.extras[route.name].image_limits
+    messages = [m for _, m in converted]
+    if inspect_content(messages, guard.part_types[route.name], limits.max_frames, guard.max_images):
+        messages = await prepare_images(messages, limits, state.fetcher, guard.decoder)
+    out = list(items)
+    for (i, _), prepared in zip(converted, messages):
+        back = [{"type": "input_image", "image_url": p["image_url"]["url"], "detail": "auto"}
+                if p["type"] == "image_url" else {"type": "input_text", "text": p["text"]} for p in prepared["content"]]
+        out[i] = {**items[i], "content": back}
+    return out
+
+
+async def _through_chat(state: GatewayState, route: Route, body: dict[str, Any], obs: Observation,
+                        admitted: Admitted) -> Response:
+    extras, guard = state.extras[route.name], admitted.guard
+    chat = chat_request(body)
+    chat["model"] = route.name
+    apply_defaults(chat, extras.defaults, extras.max_tokens)
+    clamp_tokens(chat, admitted.policy(route))
+    limits = extras.image_limits
+    if inspect_content(chat["messages"], guard.part_types[route.name], limits.max_frames, guard.max_images):
+        chat["messages"] = await prepare_images(chat["messages"], limits, state.fetcher, guard.decoder)
+    stream = bool(body.get("stream"))
+    call = ChatCall(route, chat, obs, stream=stream, include_usage=stream)
+    answer = await state.engines[route.engine].chat(call)
+    if stream:
+        return sse_response(StreamTranslator(body, route.name).translate(answer.body_iterator))
+    try:
+        completion = orjson.loads(answer.body)
+    except orjson.JSONDecodeError as exc:
+        raise BackendError(f"{route.engine} engine returned a chat answer that is not JSON") from exc
+    return Response(orjson.dumps(response_object(body, route.name, completion)), media_type="application/json")
