@@ -14,7 +14,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 
 from ..routing import Router
+from ..rerank import RerankRequest
+from .completions import CompletionRequest
 from .requests import ChatRequest, EmbeddingRequest
+from .responses import ResponsesRequest
 
 _OPEN = ConfigDict(extra="allow")
 
@@ -101,6 +104,47 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ResponseObject(BaseModel):
+    """A Responses API answer (stateless): the fields every client reads; the rest passes as the engine made it."""
+
+    model_config = _OPEN
+    id: str
+    object: Literal["response"]
+    created_at: float
+    model: str
+    status: str
+    output: list[dict[str, Any]]
+
+
+class RerankResult(BaseModel):
+    model_config = _OPEN
+    index: int
+    relevance_score: float
+    document: dict[str, Any] | None = None
+
+
+class RerankList(BaseModel):
+    model_config = _OPEN
+    model: str
+    results: list[RerankResult]
+
+
+class CompletionChoice(BaseModel):
+    model_config = _OPEN
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class TextCompletion(BaseModel):
+    model_config = _OPEN
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+
+
 class Health(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["ok"]
@@ -109,6 +153,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     model_config = _OPEN
     status: Literal["ready", "unavailable"]
+    models: list[dict[str, Any]] | None = None
     backends: list[dict[str, Any]] | None = None
 
 
@@ -150,7 +195,19 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
     emb = paths["/v1/embeddings"]["post"]
     emb["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(EmbeddingRequest)}}}
     emb["responses"] = responses({"application/json": {"schema": ref(EmbeddingList)}}, *post_errors)
+    for path, request, answer, stream in (("/v1/responses", ResponsesRequest, ResponseObject, True),
+                                          ("/v1/completions", CompletionRequest, TextCompletion, True),
+                                          ("/v1/rerank", RerankRequest, RerankList, False),
+                                          ("/rerank", RerankRequest, RerankList, False)):
+        operation = paths[path]["post"]
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(request)}}}
+        ok = {"application/json": {"schema": ref(answer)}}
+        if stream:
+            ok["text/event-stream"] = {"schema": _SSE_EVENT}
+        operation["responses"] = responses(ok, *post_errors)
     paths["/v1/models"]["get"]["responses"] = responses({"application/json": {"schema": ref(ModelList)}}, "401")
+    paths["/v1/models/{model_id}"]["get"]["responses"] = responses(
+        {"application/json": {"schema": ref(ModelCard)}}, "401", "404")
     paths["/health_check"]["get"]["responses"] = responses({"application/json": {"schema": ref(Health)}})
     ready = responses({"application/json": {"schema": ref(Readiness)}})
     ready["503"] = {"description": "no engine ready", "content": {"application/json": {"schema": ref(Readiness)}}}
@@ -159,10 +216,13 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
     for path in paths.values():  # FastAPI adds a 422 for handlers with parameters; the gateway answers 400
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)
-            operation.pop("parameters", None)
+            kept = [p for p in operation.pop("parameters", []) if p.get("in") == "path"]
+            if kept:  # /v1/models/{model_id}: the one path parameter the gateway takes
+                operation["parameters"] = kept
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
-    for model, kind in (("ChatRequest", "chat"), ("EmbeddingRequest", "embedding")):
+    for model, kind in (("ChatRequest", "chat"), ("EmbeddingRequest", "embedding"), ("ResponsesRequest", "chat"),
+                        ("CompletionRequest", "chat"), ("RerankRequest", "reranker")):
         # the names this gateway serves (any other is a 404): a fuzzer then reaches the engines
         components[model]["properties"]["model"]["enum"] = router.names(kind) or [""]
     app.openapi_schema = schema
