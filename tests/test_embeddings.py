@@ -264,19 +264,23 @@ def test_two_workers_share_one_encoder_process(tmp_path, minilm):
                                                for g in groups))
         return [r.json() for r in responses]
 
-    with subprocess_server(args, "/health/ready", port, timeout=180) as url:
+    with subprocess_server(args, "/health_check", port, timeout=180) as url:
+        # the config's chat engine is absent on purpose, so the gateway as a whole stays 503: wait for the encoder
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and ("all-MiniLM-L6-v2", "ready") not in [
+                (m["model"], m["state"]) for m in httpx.get(url + "/health/ready", timeout=10).json()["models"]]:
+            time.sleep(0.5)
         bodies = asyncio.run(run(url))
         client = openai.OpenAI(base_url=url + "/v1", api_key="x")
         via_client = client.embeddings.create(model="Embedding", input=MIXED)  # base64 on the wire
-        readiness = [[b for b in httpx.get(url + "/health/ready").json()["backends"] if b["engine"] == "local"]
-                     for _ in range(8)]
+        readiness = [[(m["model"], m["state"]) for m in httpx.get(url + "/health/ready").json()["models"]
+                      if m["engine"] == "local"] for _ in range(8)]
     direct = {s: v for s, v in zip(SENTENCES, minilm.encode(SENTENCES))}
     for group, body in zip(groups, bodies):
         assert np.allclose([d["embedding"] for d in body["data"]], [direct[s] for s in group], atol=1e-4)
         assert body["usage"]["prompt_tokens"] == sum(_tokens(minilm, s) for s in group)
     assert np.allclose([d.embedding for d in via_client.data], minilm.encode(MIXED), atol=1e-4)
-    assert all(b == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": True, "encoder": "shared"}]
-               for b in readiness)
+    assert all(b == [("all-MiniLM-L6-v2", "ready")] for b in readiness)  # whichever worker answers
 
 
 
@@ -284,6 +288,7 @@ def test_unreachable_shared_encoder_is_a_clear_503_and_not_ready(tmp_path, monke
     monkeypatch.setenv("VILMS_ENCODER_SOCKET", str(tmp_path / "missing.sock"))
     with gateway(emb_config()) as server:
         response = embed(server, model="Embedding", input="x")
-        local = [b for b in httpx.get(server.url + "/health/ready").json()["backends"] if b["engine"] == "local"]
+        ready = httpx.get(server.url + "/health/ready")
     assert response.status_code == 503 and response.json()["error"]["code"] == "embedding_model_unavailable"
-    assert local == [{"engine": "local", "models": ["all-MiniLM-L6-v2"], "ready": False, "encoder": "shared"}]
+    local = [(m["model"], m["state"], m["ready"]) for m in ready.json()["models"] if m["engine"] == "local"]
+    assert ready.status_code == 503 and local == [("all-MiniLM-L6-v2", "unreachable", False)]

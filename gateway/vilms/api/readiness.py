@@ -96,6 +96,9 @@ def files_present(source: str) -> bool:
 async def local_state(runner: LocalRunner, error: str | None) -> str:
     if runner.model is not None:
         return "ready"
+    probe = getattr(runner, "probe", None)
+    if probe is not None:  # a model held by another process (the shared encoder): ask it, do not guess from files
+        return await probe()
     if error:
         return "failed"
     present = await asyncio.get_running_loop().run_in_executor(None, files_present, runner.source)

@@ -193,6 +193,14 @@ class SharedEmbedder:
     async def load(self) -> None:
         await self.client.connect()
 
+    async def probe(self) -> str:
+        """Readiness: "ready" once the encoder process answers with this model loaded, else "unreachable"."""
+        try:
+            await asyncio.wait_for(self.client.connect(), timeout=2.0)
+        except (GatewayError, asyncio.TimeoutError, OSError):
+            return "unreachable"
+        return "ready" if self.ready else "missing"
+
     async def embed(self, texts: list[str], dimensions: int | None = None, matryoshka: bool = False
                     ) -> tuple[np.ndarray, int]:
         if not self.client.connected:
