@@ -222,6 +222,7 @@ def test_cli_invalid_config_is_an_error(tmp_path):
     assert json.loads(result.stdout)["errors"][0]["pointer"] == "/serving/models/0/memory-gb"
 
 
+@pytest.mark.ansible
 def test_cli_plans_every_host_of_an_inventory(tmp_path):
     """group_vars and host_vars merge as in a run; memory comes from each host's config; no host is contacted."""
     (tmp_path / "group_vars").mkdir()

@@ -18,6 +18,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.ansible
+
 
 def _release(major: int, revision: str) -> str:
     return (f"# R{major} (release), REVISION: {revision}, GCID: 38968081, BOARD: generic, EABI: aarch64, "
