@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import re
 import socket
@@ -192,12 +193,43 @@ WRONG_TYPES = [
 
 
 @pytest.mark.parametrize("change", WRONG_TYPES, ids=[orjson.dumps(c).decode()[:40] for c in WRONG_TYPES])
-def test_wrong_types_are_400_and_nothing_reaches_ollama(ollama_standin, change):
-    with gateway(ollama_config(ollama_standin.url)) as gw:
-        body = {"model": "VLM", "messages": [user("hi")], **change}
-        assert_envelope(httpx.post(gw.url + "/v1/chat/completions", json=body), 400)
+def test_wrong_types_are_400_and_nothing_reaches_either_engine(ollama_standin, backend, change):
+    config = ollama_config(ollama_standin.url)
+    config["serving"]["models"].append({"name": "mock", "engine": "openai", "base-url": backend.url})
+    with gateway(config) as gw:
+        for model in ("VLM", "mock"):
+            body = {"model": model, "messages": [user("hi")], **change}
+            assert_envelope(httpx.post(gw.url + "/v1/chat/completions", json=body), 400)
         assert running_gauge(gw.url) == 0
     assert [kind for kind, _ in ollama_standin.state["requests"]] == []
+    assert backend.backend.stats["requests"] == 0
+
+
+def ragged_embedder() -> Starlette:
+    """A compromised engine: 200 with vectors of different lengths."""
+    async def embed(request: Request) -> Response:
+        return Response(b'{"embeddings": [[0.1, 0.2], [0.3]], "prompt_eval_count": 2}', media_type="application/json")
+
+    async def version(request: Request) -> Response:
+        return Response(b'{"version":"x"}', media_type="application/json")
+
+    return Starlette(routes=[Route("/api/embed", embed, methods=["POST"]), Route("/api/version", version)])
+
+
+def test_an_unforeseen_failure_is_an_envelope_counted_logged_and_released(caplog):
+    caplog.set_level(logging.INFO, logger="vilms")
+    with ThreadedServer(ragged_embedder()) as engine, gateway(ollama_config(engine.url)) as gw:
+        before = {s: counted(gw.url, s, model="nomic-embed-text", route="embeddings") for s in ("500", "502")}
+        response = httpx.post(gw.url + "/v1/embeddings", json={"model": "nomic-embed-text", "input": ["a", "b"]})
+        error = assert_envelope(response, response.status_code)
+        assert response.status_code in (500, 502) and "0.1" not in error["message"]
+        after = counted(gw.url, str(response.status_code), model="nomic-embed-text", route="embeddings")
+        assert after == before[str(response.status_code)] + 1
+        assert running_gauge(gw.url) == 0
+    if response.status_code == 500:
+        logged = [r for r in caplog.records if getattr(r, "fields", {}).get("request_id") == response.headers["x-request-id"]]
+        assert any(r.exc_info for r in logged) and "Traceback" in caplog.text   # the error log, with traceback
+        assert any(r.name == "vilms.access" and r.fields["status"] == 500 for r in logged)  # and the access log
 
 
 def test_embedding_dimensions_true_is_400(ollama_standin):
