@@ -10,11 +10,9 @@ import io
 import logging
 import os
 import re
-import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import orjson

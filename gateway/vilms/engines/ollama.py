@@ -99,7 +99,8 @@ def to_ollama_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
         request["tools"] = body["tools"]
     effort = body.get("reasoning_effort")
     if effort is not None:
-        request["think"] = effort if effort in ("low", "medium", "high") else bool(effort)
+        # validated: none | minimal | low | medium | high ("none" must not switch thinking on)
+        request["think"] = {"none": False, "minimal": "low"}.get(effort, effort)
     return request
 
 
