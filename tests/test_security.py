@@ -156,3 +156,11 @@ def test_short_keys_are_refused_by_the_schema():
     with pytest.raises(ConfigError) as info:
         build_config({"serving": {"models": [{"name": "m"}]}, "gateway": {"api-keys": [{"name": "a", "key": "short"}]}})
     assert "/gateway/api-keys/0/key" in str(info.value) and "short" not in str(info.value)
+
+
+def test_any_other_v1_route_needs_a_key_too(keyed):
+    """Secure by default: a /v1/* path the gateway does not (yet) serve answers 401 to a stranger, 404 to a key."""
+    for method in ("GET", "POST", "PUT"):
+        assert assert_envelope(httpx.request(method, keyed.url + "/v1/not-yet-a-route"), 401)["code"] == "invalid_api_key"
+    assert httpx.get(keyed.url + "/v1/not-yet-a-route", headers=bearer(ALICE)).status_code == 404
+    assert httpx.get(keyed.url + "/nothing-here").status_code == 404
