@@ -119,6 +119,17 @@ def test_80000_empty_image_parts_refused_fast_and_health_check_never_stalls(back
     assert backend.backend.stats["requests"] == 0
 
 
+def test_body_of_many_small_values_is_refused_before_parsing(backend):
+    """11 MiB of tiny messages used to become ~100 MiB of Python objects; the value count is checked first."""
+    body = orjson.dumps({"model": "LLM", "messages": [{"role": "user", "content": "x"}] * 400_000})
+    assert len(body) > 11 * 2**20
+    with gateway(openai_config(backend.url)) as gw:
+        response = httpx.post(gw.url + "/v1/chat/completions", content=body, headers=JSON_HEADERS, timeout=30)
+        assert assert_envelope(response, 400)["code"] == "too_many_json_values"
+        assert httpx.get(gw.url + "/metrics").status_code == 200
+    assert backend.backend.stats["requests"] == 0
+
+
 # --- 2. part types the guard does not inspect never reach an engine ---------------------------------------------
 
 @pytest.mark.parametrize("part", [
