@@ -133,18 +133,17 @@ class KeyRing:
         """The key presented, None when no keys are configured (or anonymous calls are allowed and none sent)."""
         if not self.keys:
             return None
-        if not header:
+        if not header or header[:7].lower() != _BEARER:
             if self.allow_anonymous:
                 return None
-            raise unauthorized()
-        if header[:7].lower() != _BEARER:
             raise unauthorized()
         presented = _digest(header[7:].strip())
         found = None
         for key in self.keys:  # every digest compared, no early exit
             if hmac.compare_digest(key.digest, presented):
                 found = key
-        if found is None:
+        if found is None and not self.allow_anonymous:
+            # with anonymous access allowed an unknown key is anonymous: the openai client always sends one
             raise unauthorized("invalid API key")
         return found
 
