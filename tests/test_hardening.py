@@ -252,10 +252,13 @@ def test_embedding_dimensions_true_is_400(ollama_standin):
 def test_the_validated_body_is_what_reaches_the_engine(backend):
     with gateway(openai_config(backend.url)) as gw:
         response = httpx.post(gw.url + "/v1/chat/completions", json={
-            "model": "LLM", "messages": [user("hi")], "stream": False, "temperature": 1})
-        assert response.status_code == 200
+            "model": "LLM", "messages": [user("hi")], "stream": False, "temperature": 1,
+            "stop": "a stop string longer than sixteen characters", "seed": 3, "tool_choice": "auto",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+        assert response.status_code == 200, response.text
     sent = backend.backend.last_request
-    assert sent["stream"] is False and sent["model"] == "mock"
+    assert sent["stream"] is False and sent["model"] == "mock" and sent["stop"].startswith("a stop")
+    assert sent["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
 
 # --- malformed upstream lines -----------------------------------------------------------------------------------
