@@ -174,6 +174,12 @@ class ChatRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # OpenAI fields some SDK-based clients set; harmless to engines (which ignore what they do not serve)
+    service_tier: str | None = Field(default=None, max_length=32)
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    modalities: list[Literal["text"]] | None = None
 
 
 class EmbeddingRequest(BaseModel):
