@@ -186,6 +186,7 @@ def test_image_bytes_and_decoder_formats_are_limited(backend):
 WRONG_TYPES = [
     {"response_format": "json"},
     {"response_format": {"type": 5}},
+    {"response_format": {"type": "json_object", "": None}},   # found by schemathesis: an empty key crashed the error path
     {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": 1}]}]},
     {"messages": [{"role": "assistant", "content": None, "tool_calls": [{}]}]},
     {"messages": [user([{"type": "text", "text": 5}])]},

@@ -266,6 +266,6 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not (isinstance(part, str) and (part[0].isupper() or "[" in part or part in ("str", "list", "int"))):
+        elif not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part in ("str", "list", "int"))):
             out += ("." if out else "") + str(part)
     return out
