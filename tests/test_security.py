@@ -165,3 +165,17 @@ def test_any_other_v1_route_needs_a_key_too(keyed):
         assert assert_envelope(httpx.request(method, keyed.url + "/v1/not-yet-a-route"), 401)["code"] == "invalid_api_key"
     assert httpx.get(keyed.url + "/v1/not-yet-a-route", headers=bearer(ALICE)).status_code == 404
     assert httpx.get(keyed.url + "/nothing-here").status_code == 404
+
+
+@pytest.mark.parametrize("content", [
+    "- {name: a, key: sk-short}", "- {name: a, key: sk-0123456789abcdef-A, max-concurrency: many}",
+    "just text", "- {name: a, key: sk-0123456789abcdef-A, extra: 1}", "{{{"])
+def test_a_bad_keys_file_stops_the_gateway_without_echoing_it(backend, tmp_path, content):
+    from vilms.api import create_app
+    from vilms.config import ConfigError
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        create_app(build_config(keyed_config(backend.url, [], **{"api-keys-file": str(keys_file)})))
+    assert "sk-" not in str(info.value) and "many" not in str(info.value) and "api-keys-file" in str(info.value)

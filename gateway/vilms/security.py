@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+from jsonschema import Draft202012Validator
 
 from .errors import GatewayError
-from .schema import ConfigIssue
+from .schema import ConfigIssue, load_schema
 
 _BEARER = "bearer "
 
@@ -99,9 +100,12 @@ def key_entries(gateway: Mapping[str, Any]) -> list[Mapping[str, Any]]:
             raise ValueError("gateway.api-keys-file is not valid YAML") from None  # no excerpt: it holds secrets
         if isinstance(data, Mapping):
             data = data.get("api-keys")
-        if not isinstance(data, list) or not all(isinstance(e, Mapping) and isinstance(e.get("name"), str)
-                                                 and isinstance(e.get("key"), str) for e in data):
-            raise ValueError("gateway.api-keys-file must hold a list of {name, key} entries")
+        errors = list(Draft202012Validator(load_schema()["properties"]["gateway"]["properties"]["api-keys"])
+                      .iter_errors(data))
+        if errors:  # the same rules as inline keys; the message names the place and the rule, never a value
+            where = "/".join(str(p) for p in errors[0].absolute_path)
+            raise ValueError(f"gateway.api-keys-file: entry {where or '(top)'} fails the {errors[0].validator!r} rule "
+                             "(a list of {name, key, models?, max-concurrency?, requests-per-minute?})")
         entries += data
     return entries
 
