@@ -281,3 +281,34 @@ def test_engine_errors_are_scrubbed_of_hosts_addresses_and_paths():
     for secret in ("vllm-x", "8000", "fe80", "fd00", "/models", "secret-org", "safetensors", "10.1.2.3"):
         assert secret not in error["message"], error["message"]
     assert "missing" in error["message"]
+
+
+def test_backend_limiter_never_leaks_a_slot_when_waiters_give_up():
+    """Cancelled and timed-out waiters leave the slot count exact (a leak would shrink the backend for good)."""
+    import asyncio
+
+    from vilms.admission import BackendLimiter
+    from vilms.security import RateLimited
+
+    async def scenario() -> None:
+        limiter = BackendLimiter("b", limit=1, queue=2, timeout=0.2)
+        await limiter.acquire()                        # A holds the only slot
+        waiter = asyncio.ensure_future(limiter.acquire())  # B queues ...
+        await asyncio.sleep(0)
+        waiter.cancel()                                # ... and its client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        with pytest.raises(RateLimited):               # C waits past the queue timeout: 429
+            await limiter.acquire()
+        limiter.release()                              # A done
+        assert limiter.active == 0 and not limiter.waiters
+        await limiter.acquire()                        # D gets the slot at once
+        handed = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0)
+        limiter.release()                              # D done: the slot goes to E, not back to the pool
+        await handed
+        assert limiter.active == 1
+        limiter.release()
+        assert limiter.active == 0
+
+    asyncio.run(scenario())

@@ -133,7 +133,8 @@ def test_keys_file_is_merged_and_anonymous_can_be_allowed(backend, tmp_path):
     config["gateway"]["allow-anonymous"] = True
     with gateway(config) as gw:
         assert ask(gw).status_code == 200               # no key: served
-        assert ask(gw, "sk-wrong-0123456789abcdef").status_code == 401  # a wrong key is still wrong
+        assert ask(gw, "unused").status_code == 200     # the openai client always sends some key: anonymous
+        assert ask(gw, CAROL, model="OTHER").status_code == 403  # a known key keeps its scope
 
 
 def test_exposure_rule_for_render():
@@ -156,3 +157,25 @@ def test_short_keys_are_refused_by_the_schema():
     with pytest.raises(ConfigError) as info:
         build_config({"serving": {"models": [{"name": "m"}]}, "gateway": {"api-keys": [{"name": "a", "key": "short"}]}})
     assert "/gateway/api-keys/0/key" in str(info.value) and "short" not in str(info.value)
+
+
+def test_any_other_v1_route_needs_a_key_too(keyed):
+    """Secure by default: a /v1/* path the gateway does not (yet) serve answers 401 to a stranger, 404 to a key."""
+    for method in ("GET", "POST", "PUT"):
+        assert assert_envelope(httpx.request(method, keyed.url + "/v1/not-yet-a-route"), 401)["code"] == "invalid_api_key"
+    assert httpx.get(keyed.url + "/v1/not-yet-a-route", headers=bearer(ALICE)).status_code == 404
+    assert httpx.get(keyed.url + "/nothing-here").status_code == 404
+
+
+@pytest.mark.parametrize("content", [
+    "- {name: a, key: sk-short}", "- {name: a, key: sk-0123456789abcdef-A, max-concurrency: many}",
+    "just text", "- {name: a, key: sk-0123456789abcdef-A, extra: 1}", "{{{"])
+def test_a_bad_keys_file_stops_the_gateway_without_echoing_it(backend, tmp_path, content):
+    from vilms.api import create_app
+    from vilms.config import ConfigError
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        create_app(build_config(keyed_config(backend.url, [], **{"api-keys-file": str(keys_file)})))
+    assert "sk-" not in str(info.value) and "many" not in str(info.value) and "api-keys-file" in str(info.value)

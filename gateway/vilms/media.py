@@ -130,14 +130,19 @@ def inspect_content(messages: list[dict[str, Any]], allowed: Collection[str], ma
     return total
 
 
+def _prepared_url(data: bytes, limits: ImageLimits) -> str:
+    return process_image(data, limits).data_url()
+
+
 class Decoder:
     """A dedicated, small thread pool for Pillow: bounds decode concurrency (and so peak memory)."""
 
     def __init__(self, workers: int):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vilms-decode")
 
-    async def run(self, data: bytes, limits: ImageLimits) -> PreparedImage:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, process_image, data, limits)
+    async def run(self, data: bytes, limits: ImageLimits) -> str:
+        """The prepared image as a data URL (base64-encoding it is CPU work too: done in the pool)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, _prepared_url, data, limits)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -181,11 +186,11 @@ async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fe
                 raise ValueError("image url must be a data: URL or an http(s) URL")
             if len(raw) > limits.max_bytes:
                 raise ValueError(f"image is larger than {limits.max_bytes} bytes (media.max-bytes)")
-            prepared = await decoder.run(raw, limits)
+            prepared_url = await decoder.run(raw, limits)
         except (ValueError, FetchRefused) as exc:
             raise BadRequest(f"{where}: {exc}", param=where, code="invalid_image") from exc
         detail = part["image_url"].get("detail") if isinstance(part.get("image_url"), dict) else None
-        part["image_url"] = {"url": prepared.data_url(), **({"detail": detail} if detail else {})}
+        part["image_url"] = {"url": prepared_url, **({"detail": detail} if detail else {})}
 
     try:
         async with asyncio.TaskGroup() as group:  # the first bad image cancels the rest

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+from jsonschema import Draft202012Validator
 
 from .errors import GatewayError
-from .schema import ConfigIssue
+from .schema import ConfigIssue, load_schema
 
 _BEARER = "bearer "
 
@@ -99,9 +100,12 @@ def key_entries(gateway: Mapping[str, Any]) -> list[Mapping[str, Any]]:
             raise ValueError("gateway.api-keys-file is not valid YAML") from None  # no excerpt: it holds secrets
         if isinstance(data, Mapping):
             data = data.get("api-keys")
-        if not isinstance(data, list) or not all(isinstance(e, Mapping) and isinstance(e.get("name"), str)
-                                                 and isinstance(e.get("key"), str) for e in data):
-            raise ValueError("gateway.api-keys-file must hold a list of {name, key} entries")
+        errors = list(Draft202012Validator(load_schema()["properties"]["gateway"]["properties"]["api-keys"])
+                      .iter_errors(data))
+        if errors:  # the same rules as inline keys; the message names the place and the rule, never a value
+            where = "/".join(str(p) for p in errors[0].absolute_path)
+            raise ValueError(f"gateway.api-keys-file: entry {where or '(top)'} fails the {errors[0].validator!r} rule "
+                             "(a list of {name, key, models?, max-concurrency?, requests-per-minute?})")
         entries += data
     return entries
 
@@ -133,18 +137,17 @@ class KeyRing:
         """The key presented, None when no keys are configured (or anonymous calls are allowed and none sent)."""
         if not self.keys:
             return None
-        if not header:
+        if not header or header[:7].lower() != _BEARER:
             if self.allow_anonymous:
                 return None
-            raise unauthorized()
-        if header[:7].lower() != _BEARER:
             raise unauthorized()
         presented = _digest(header[7:].strip())
         found = None
         for key in self.keys:  # every digest compared, no early exit
             if hmac.compare_digest(key.digest, presented):
                 found = key
-        if found is None:
+        if found is None and not self.allow_anonymous:
+            # with anonymous access allowed an unknown key is anonymous: the openai client always sends one
             raise unauthorized("invalid API key")
         return found
 

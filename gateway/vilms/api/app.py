@@ -98,22 +98,38 @@ class HotPath:
     The handlers are the same functions FastAPI registers; every other route goes through FastAPI.
     """
 
-    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]]):
+    def __init__(self, app: FastAPI, routes: dict[str, Callable[[Request], Awaitable[Response]]], guard: Guard):
         self.app = app
         self.routes = routes
         self.state = app.state
+        self.keys = guard.keys
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            handler = self.routes.get(scope["path"])
-            if handler is not None:
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                handler = self.routes.get(scope["path"])
+                if handler is not None:
+                    try:
+                        response = await handler(Request(scope, receive))
+                    except Exception:  # handlers catch their own; this is the last line of defence
+                        response = _internal(scope["path"], "-")
+                    await response(scope, receive, send)
+                    return
+            if self.keys.enabled and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics"):
+                # secure by default: any other /v1/* route (present or added later) needs a key too
                 try:
-                    response = await handler(Request(scope, receive))
-                except Exception:  # handlers catch their own; this is the last line of defence
-                    response = _internal(scope["path"], "-")
-                await response(scope, receive, send)
-                return
+                    self.keys.authenticate(_header(scope, b"authorization"))
+                except GatewayError as exc:
+                    await _error(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def create_app(config: Config) -> HotPath:
@@ -332,5 +348,5 @@ def create_app(config: Config) -> HotPath:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.openapi = lambda: describe(app, router)  # type: ignore[method-assign]
-    return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings, **hot})
+    return HotPath(app, {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings, **hot}, guard)
 

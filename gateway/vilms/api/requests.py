@@ -157,7 +157,7 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
-    stop: str | list[str] | None = Field(default=None, max_length=16)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -174,6 +174,12 @@ class ChatRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # OpenAI fields some SDK-based clients set; harmless to engines (which ignore what they do not serve)
+    service_tier: str | None = Field(default=None, max_length=32)
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    modalities: list[Literal["text"]] | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -260,6 +266,6 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not (isinstance(part, str) and (part[0].isupper() or "[" in part or part in ("str", "list", "int"))):
+        elif not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part in ("str", "list", "int"))):
             out += ("." if out else "") + str(part)
     return out
