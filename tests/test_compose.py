@@ -110,7 +110,7 @@ def test_security_defaults_on_every_service():
         assert svc["security_opt"] == ["no-new-privileges:true"], name
         assert "cap_add" not in svc and "privileged" not in svc, name
     gw = services["gateway"]
-    assert gw["read_only"] is True and gw["pids_limit"] == 1024 and gw["mem_limit"] == str(2 * 1024 ** 3)
+    assert gw["read_only"] is True and gw["pids_limit"] == 4096 and gw["mem_limit"] == str(2 * 1024 ** 3)
     assert services["ollama"]["pids_limit"] == 4096 and "mem_limit" not in services["ollama"]
     for name in ("vllm-qwen-qwen3-4b-instruct", "vllm-qwen-qwen2-5-1-5b-instruct"):
         assert "ipc" not in services[name] and services[name]["shm_size"] == str(8 * 1024 ** 3)
@@ -144,3 +144,18 @@ def test_named_vllm_service_runs_on_the_urls_port():
     assert set(services) == {"vllm", "gateway"}
     assert services["vllm"]["command"][:8] == ["--model", "m", "--served-model-name", "m", "--host", "0.0.0.0",
                                                "--port", "9000"]
+
+
+def test_gateway_listens_on_the_container_network_whatever_gateway_host_says():
+    gw = render({**BASE, "gateway": {"host": "127.0.0.1"}}, gpu=False)["services"]["gateway"]
+    assert gw["command"][-2:] == ["--host", "0.0.0.0"]  # else the published port would reach nothing
+    assert gw["ports"][0]["host_ip"] == "0.0.0.0"
+
+
+def test_engine_ports_published_beyond_loopback_warn():
+    from vilms.routing import semantic_issues
+
+    docker = {**BASE["docker"], "publish-engine-ports": True, "engine-bind": "0.0.0.0"}
+    warnings = [i for i in semantic_issues(build_config({**BASE, "docker": docker})) if i.severity == "warning"]
+    assert [i.pointer for i in warnings] == ["/docker/engine-bind"]
+    assert not semantic_issues(build_config({**BASE, "docker": {**docker, "engine-bind": "127.0.0.1"}}))

@@ -29,6 +29,7 @@ SEED = {  # the shape of the seed project's own config.yaml (shared/seed README)
     "docker": {"docker-network": "vilms-net", "external-network": True, "dns": ["8.8.8.8"],
                "docker-registry": "registry.example.com:5000", "docker-project": "vilms-seed",
                "tag": {"gateway": "0.1.0", "engine": "r36.4.0"}, "image": {"ollama": "dustynv/ollama"}},
+    "gateway": {"allow-anonymous": True},  # published on 0.0.0.0 without keys: said explicitly (C2)
 }
 DGPU = {
     "host": {"platform": "dgpu"},
@@ -37,6 +38,7 @@ DGPU = {
         {"name": "qwen2.5vl:3b", "type": "vlm", "aliases": ["VLM"]}]},
     "embedding": {"enabled": True, "model": "all-MiniLM-L6-v2", "path": "/opt/vilms/models/minilm"},
     "docker": {"tag": {"vllm": "v0.9.2", "engine": "0.6.8"}},
+    "gateway": {"allow-anonymous": True},
 }
 needs_docker = pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI with compose v2 is set up by `make system`")
 
@@ -165,6 +167,7 @@ def test_invalid_config_writes_nothing_and_reports_json_pointers(tmp_path):
 @needs_docker
 def test_inline_api_keys_move_to_keys_yaml(tmp_path):
     data = {**DGPU, "gateway": {"api-keys": [{"name": "ops", "key": "sk-ops-0123456789abcdef", "models": ["LLM"]}]}}
+    public = {"allow-anonymous": True}
     out, result = render_dir(tmp_path, data, "--gpu", "no")
     assert result.returncode == 0, result.stderr
     config_text = (out / "config.yaml").read_text()
@@ -180,8 +183,9 @@ def test_inline_api_keys_move_to_keys_yaml(tmp_path):
     data["gateway"]["api-keys"][0]["key"] = "sk-ops-rotated-0000000000"
     _, result = render_dir(tmp_path, data, "--gpu", "no")
     assert compose_config(out / "docker-compose.yaml")["services"]["gateway"]["environment"]["VILMS_CONFIG_DIGEST"] != digest
-    del data["gateway"]
+    data["gateway"] = public
     _, result = render_dir(tmp_path, data, "--gpu", "no")
+    assert result.returncode == 0, result.stderr
     assert not (out / "keys.yaml").exists()  # no stale secrets left behind
 
 

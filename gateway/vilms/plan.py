@@ -23,7 +23,7 @@ import yaml
 
 from .compose import (GATEWAY_KEYS_PATH, engine_services, gateway_service, render_compose, resolve_gpu_mode)
 from .config import LEGACY_KEYS, Config, ConfigError, build_config, read_yaml
-from .routing import GATEWAY_SERVICE, Router
+from .routing import GATEWAY_SERVICE, Router, semantic_issues
 from .schema import ConfigIssue
 
 PLAN_VERSION = 1
@@ -88,14 +88,17 @@ def _key_entries(config: Config, base_dir: Path) -> tuple[list[dict[str, Any]], 
     return merged, []
 
 
-def _key_issues(entries: list[dict[str, Any]]) -> list[ConfigIssue]:
+def _key_issues(entries: list[dict[str, Any]], inline: int) -> list[ConfigIssue]:
+    """Names and key values must be unique across both sources (`inline` = how many came from the config)."""
     issues, seen_names, seen_keys = [], set(), set()
     for index, entry in enumerate(entries):
+        where = f"/gateway/api-keys/{index}" if index < inline else "/gateway/api-keys-file"
+        label = "" if index < inline else f" (entry {index - inline} of the file)"
         if entry["name"] in seen_names:
-            issues.append(ConfigIssue(f"/gateway/api-keys/{index}/name", f"API key name {entry['name']!r} is used twice",
+            issues.append(ConfigIssue(where, f"API key name {entry['name']!r} is used twice{label}",
                                       "names identify keys in logs and limits: keep them unique"))
         if entry["key"] in seen_keys:
-            issues.append(ConfigIssue(f"/gateway/api-keys/{index}/key", "the same key value appears twice"))
+            issues.append(ConfigIssue(where, f"the same key value appears twice{label}"))
         seen_names.add(entry["name"])
         seen_keys.add(entry["key"])
     return issues
@@ -107,7 +110,8 @@ def _deploy_issues(config: Config) -> list[ConfigIssue]:
         from .security import exposure_issues  # type: ignore[attr-defined]  # provided by the API-keys work (C2)
     except ImportError:
         return []
-    return [i for i in exposure_issues(config) if i.severity == "error"]
+    # Compose publishes the gateway on docker.gateway-bind; inside the container it listens on every interface.
+    return [i for i in exposure_issues(config, bind=config.docker["gateway-bind"]) if i.severity == "error"]
 
 
 def _gateway_url(bind: str, port: int) -> str:
@@ -155,11 +159,9 @@ def render(data: Any, *, gpu: bool | None = None, engine_tag: str | None = None,
     """Validate once and produce every file as text; raises ConfigError with every issue found."""
     config = build_config(with_engine_tag(data, engine_tag))
     keys, issues = _key_entries(config, base_dir)
-    issues += _key_issues(keys) + _deploy_issues(config)
+    issues += _key_issues(keys, len(config.gateway.get("api-keys") or [])) + _deploy_issues(config)
     if issues:
         raise ConfigError(issues)
-    from .routing import semantic_issues
-
     warnings = list(config.notes) + [i for i in semantic_issues(config) if i.severity == "warning"]
     effective = as_written(with_engine_tag(data, engine_tag))
     files: dict[str, str] = {}

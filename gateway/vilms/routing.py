@@ -1,4 +1,5 @@
-"""The one alias/engine resolver: which model a name means, which engine serves it, at which URLs.
+"""The one alias/engine resolver: which model a name means, which engine serves it, at which URLs,
+and which engine services the stack itself must run for those URLs to answer (`stack_services`).
 
 Everything here is computed once per config; a request costs one dict lookup.
 Chat routing follows the seed's five rules, in order:
@@ -29,7 +30,7 @@ GATEWAY_SERVICE = "gateway"
 def vllm_service_name(model_name: str) -> str:
     """Compose service (and DNS) name of the vLLM container serving `model_name`.
 
-    Shared by the compose renderer and the gateway's URL derivation, so the two always agree.
+    The gateway's default URL for a vLLM model; compose then finds the service in that URL (`stack_services`).
     """
     slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
     return f"vllm-{slug[:48].rstrip('-') or 'model'}"
@@ -170,6 +171,13 @@ class Router:
         return groups
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class EngineService:
     """One engine container the stack runs. Compose renders it and the gateway reaches it at `url`.
@@ -182,7 +190,6 @@ class EngineService:
     port: int
     models: tuple[str, ...]
     spec: ModelSpec | None = None  # the model a vLLM service serves (one model per vLLM process)
-    scheme: str = "http"
 
     @property
     def url(self) -> str:
@@ -206,14 +213,13 @@ def _service_uses(config: Config) -> list[tuple[str, int, str, Route]]:
 def stack_services(config: Config) -> list[EngineService]:
     """The engine services this stack must run: what compose renders and what plan.json lists."""
     services: dict[str, EngineService] = {}
-    for name, port, scheme, route in _service_uses(config):
+    for name, port, _, route in _service_uses(config):
         known = services.get(name)
         if known is None:
             services[name] = EngineService(name, route.engine, port, (route.name,),
-                                           route.spec if route.engine == "vllm" else None, scheme)
+                                           route.spec if route.engine == "vllm" else None)
         elif route.name not in known.models:
-            services[name] = EngineService(known.name, known.kind, known.port, (*known.models, route.name),
-                                           known.spec, known.scheme)
+            services[name] = EngineService(known.name, known.kind, known.port, (*known.models, route.name), known.spec)
     return list(services.values())
 
 
@@ -320,6 +326,11 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",
                                   "name the embedding model (or set enabled: false)"))
+    docker = config.docker
+    if docker["publish-engine-ports"] and not _loopback(docker["engine-bind"]) and stack_services(config):
+        issues.append(ConfigIssue("/docker/engine-bind",
+                                  f"engine ports are published on {docker['engine-bind']}: engines have no authentication",
+                                  "keep engine-bind on 127.0.0.1 and reach models through the gateway", severity="warning"))
     if config.serving["engine"] == "vllm" and config.serving.get("base-url") and not config.serving.get("vllm-base-url"):
         issues.append(ConfigIssue("/serving/base-url",
                                   "serving.base-url is not used for vllm models: each gets its own service",

@@ -1,13 +1,14 @@
 """Per-model readiness: every configured model, with its state; the host is ready only when all of them are.
 
 States (one per model, aliases listed with it):
-  ready        the engine answers and, for Ollama and vLLM, lists the model; a local embedder is loaded
+  ready        the engine answers and, for Ollama and vLLM, lists the model; an in-gateway model is loaded
   missing      the engine answers but does not list the model (an Ollama model not pulled, a wrong vLLM name)
   unreachable  no URL of the model's engine answers
-  loadable     lazy local embedder, not loaded yet, its files are on disk: counts as ready (the deploy gate's one
+  loadable     lazy in-gateway model (embedder, reranker), not loaded yet, its files are on disk: counts as ready (the deploy gate's one
                real embedding then loads it); probing never loads it, so readiness stays cheap and lazy stays lazy
-  not-found    lazy local embedder whose directory or cached HF snapshot is absent
+  not-found    lazy in-gateway model whose directory or cached HF snapshot is absent
   failed       local embedder whose eager load raised at start-up (the error is in the gateway's log)
+  unknown      a model nothing here knows how to probe (never counted as ready)
 Generic OpenAI-compatible servers are judged by their /v1/models answering: proxies list names differently.
 """
 
@@ -17,17 +18,23 @@ import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import aiohttp
 
-from ..embeddings.local import LocalEmbedder
 from ..routing import Route, Router
 
 PROBE_TIMEOUT = 2.0
 READY_STATES = ("ready", "loadable")
 LIST_PATHS = {"ollama": "/api/tags", "vllm": "/v1/models", "openai": "/v1/models"}
 MODEL_FILES = ("modules.json", "config_sentence_transformers.json", "config.json")
+
+
+class LocalRunner(Protocol):
+    """A model the gateway runs in-process (an embedder, a reranker): loaded once `model` is set."""
+
+    source: str
+    model: Any
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,12 @@ def files_present(source: str) -> bool:
     return any(isinstance(try_to_load_from_cache(c, f), str) for c in candidates for f in MODEL_FILES)
 
 
-async def embedder_state(embedder: LocalEmbedder, error: str | None) -> str:
-    if embedder.model is not None:
+async def local_state(runner: LocalRunner, error: str | None) -> str:
+    if runner.model is not None:
         return "ready"
     if error:
         return "failed"
-    present = await asyncio.get_running_loop().run_in_executor(None, files_present, embedder.source)
+    present = await asyncio.get_running_loop().run_in_executor(None, files_present, runner.source)
     return "loadable" if present else "not-found"
 
 
@@ -105,8 +112,8 @@ def _aliases(router: Router) -> dict[str, list[str]]:
     return out
 
 
-async def model_report(router: Router, session: aiohttp.ClientSession, embedders: dict[str, LocalEmbedder],
-                       embed_errors: dict[str, str]) -> dict[str, Any]:
+async def model_report(router: Router, session: aiohttp.ClientSession, local: Mapping[str, LocalRunner],
+                       load_errors: Mapping[str, str]) -> dict[str, Any]:
     """{"status", "models": [{model, type, engine, aliases, state, ready}], "backends": [...]}, probes concurrent."""
     groups = [(key, routes) for key, routes in router.engines().items() if key[0] != "local"]
     listings = await asyncio.gather(*(fetch_listing(session, engine, urls) for (engine, urls), _ in groups))
@@ -116,15 +123,15 @@ async def model_report(router: Router, session: aiohttp.ClientSession, embedders
         for route in routes:
             states[route.name] = route_state(route, listing)
         backends.append({"engine": engine, "models": [r.name for r in routes], "ready": listing.reachable})
-    local = list(embedders.items())
-    for (name, embedder), state in zip(local, await asyncio.gather(
-            *(embedder_state(e, embed_errors.get(n)) for n, e in local))):
+    runners = list(local.items())
+    for (name, _), state in zip(runners, await asyncio.gather(
+            *(local_state(r, load_errors.get(n)) for n, r in runners))):
         states[name] = state
         backends.append({"engine": "local", "models": [name], "ready": state in READY_STATES})
     aliases = _aliases(router)
     models = []
     for name, route in router.routes.items():
-        state = states.get(name, "unreachable")
+        state = states.get(name, "unknown")  # a route nothing above could judge is never counted as ready
         models.append({"model": name, "type": route.spec.type, "engine": route.engine,
                        "aliases": aliases.get(name, []), "state": state, "ready": state in READY_STATES})
     ready = bool(models) and all(m["ready"] for m in models)

@@ -90,4 +90,10 @@ class GatewayState:
     async def readiness(self) -> dict[str, Any]:
         """Every configured model with its state; "ready" only when all are (see api/readiness.py)."""
         assert self.session is not None, "readiness is served only after start()"
-        return await model_report(self.router, self.session, self.embedders, self.embed_errors)
+        return await model_report(self.router, self.session, self.local_runners(), self.embed_errors)
+
+    def local_runners(self) -> dict[str, Any]:
+        """Every model the gateway runs in-process, by name: readiness asks each whether it is loaded or loadable."""
+        runners: dict[str, Any] = dict(self.embedders)
+        runners.update(getattr(self, "rerankers", {}))  # in-gateway rerankers (issue #13) have the same shape
+        return runners
