@@ -192,6 +192,7 @@ def models_dir(tmp: Path, host: str) -> Path:
 
 
 @pytest.mark.ansible
+@pytest.mark.timeout(900)
 def test_role_ships_once_to_two_hosts_reruns_unchanged_and_resends_a_corrupt_file(hub, tmp_path):
     hosts = {"h12-w1": {}, "h12-w2": {"vilms_stack_weights_transport": "copy"}}  # rsync and the plain-copy fallback
     first = run_ship(tmp_path, hub.url, hosts)
