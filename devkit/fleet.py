@@ -244,8 +244,26 @@ def ansible_env(fleet: Fleet, report: bool, extra: dict[str, str] | None = None)
         env["VILMS_FLEET_REPORT_DIR"] = str(fleet.reports)
     else:
         env["VILMS_FLEET_REPORT"] = "off"
+    if report and os.environ.get("VILMS_FLEET_ARA"):
+        env.update(ara_env(fleet))
     env.update(extra or {})
     return env
+
+
+def ara_env(fleet: Fleet) -> dict[str, str]:
+    """ARA records the raw run (every task and result) in a sqlite file of the fleet's own (VILMS_FLEET_ARA=1)."""
+    from ara.setup import callback_plugins as ara_callbacks
+
+    return {"ANSIBLE_CALLBACK_PLUGINS": f"{ROOT / 'callback_plugins'}:{ara_callbacks}",
+            "ARA_API_CLIENT": "offline", "ARA_BASE_DIR": str(fleet.state / "ara")}
+
+
+def ara_static_html(fleet: Fleet) -> Path:
+    """`ara-manage generate`: ARA's own UI as static HTML, next to the fleet report."""
+    out = fleet.reports / "ara"
+    subprocess.run([str(Path(sys.executable).with_name("ara-manage")), "generate", str(out)], check=True,
+                   env={**os.environ, **ara_env(fleet)}, stdout=subprocess.DEVNULL)
+    return out
 
 
 def run_playbook(fleet: Fleet, playbook: Path, args: list[str], report: bool = True,
@@ -260,7 +278,10 @@ def run_playbook(fleet: Fleet, playbook: Path, args: list[str], report: bool = T
 
 def rollout(fleet: Fleet, args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> int:
     """The real site.yml against the fleet's inventory; the fleet report lands in fleet.reports."""
-    return run_playbook(fleet, ROOT / "site.yml", args, report=True, env=env, log=log)
+    rc = run_playbook(fleet, ROOT / "site.yml", args, report=True, env=env, log=log)
+    if os.environ.get("VILMS_FLEET_ARA"):
+        print(f"fleet: ARA's record as static HTML: {ara_static_html(fleet)}/index.html")
+    return rc
 
 
 def net_rx_bytes(names: list[str]) -> dict[str, int]:
