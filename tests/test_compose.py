@@ -99,3 +99,48 @@ def test_cli_renders_the_same_file(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == render_compose(build_config({**BASE, "host": {"platform": "dgpu"}}), gpu=True)
+
+
+def test_security_defaults_on_every_service():
+    out = render({**BASE, "host": {"platform": "dgpu"}}, gpu=True)
+    services = out["services"]
+    assert set(services) == {"vllm-qwen-qwen3-4b-instruct", "vllm-qwen-qwen2-5-1-5b-instruct", "ollama", "gateway"}
+    for name, svc in services.items():
+        assert svc["cap_drop"] == ["ALL"], name
+        assert svc["security_opt"] == ["no-new-privileges:true"], name
+        assert "cap_add" not in svc and "privileged" not in svc, name
+    gw = services["gateway"]
+    assert gw["read_only"] is True and gw["pids_limit"] == 1024 and gw["mem_limit"] == str(2 * 1024 ** 3)
+    assert services["ollama"]["pids_limit"] == 4096 and "mem_limit" not in services["ollama"]
+    for name in ("vllm-qwen-qwen3-4b-instruct", "vllm-qwen-qwen2-5-1-5b-instruct"):
+        assert "ipc" not in services[name] and services[name]["shm_size"] == str(8 * 1024 ** 3)
+
+
+def test_security_settings_come_from_the_docker_section():
+    docker = {**BASE["docker"], "ipc-host": True, "shm-size": "1g", "engine-cap-add": ["DAC_OVERRIDE"],
+              "engine-memory": "6g", "engine-pids": 512, "gateway-memory": "1g", "gateway-pids": 256}
+    services = render({**BASE, "docker": docker}, gpu=False)["services"]
+    vllm = services["vllm-qwen-qwen3-4b-instruct"]
+    assert vllm["ipc"] == "host" and "shm_size" not in vllm
+    assert vllm["cap_add"] == ["DAC_OVERRIDE"] and vllm["cap_drop"] == ["ALL"]
+    assert vllm["mem_limit"] == str(6 * 1024 ** 3) and vllm["pids_limit"] == 512
+    assert services["gateway"]["mem_limit"] == str(1024 ** 3) and services["gateway"]["pids_limit"] == 256
+    assert "cap_add" not in services["gateway"]
+
+
+def test_seed_service_url_renders_that_service_and_nothing_else():
+    data = {"host": {"platform": "dgpu"},
+            "serving": {"engine": "ollama", "ollama-base-url": "http://vilms-ollama:11434/v1",
+                        "models": [{"name": "qwen2.5:3b", "aliases": ["LLM"]}]}}
+    out = render(data, gpu=False)
+    assert set(out["services"]) == {"vilms-ollama", "gateway"}
+    assert out["services"]["vilms-ollama"]["expose"] == ["11434"]
+    assert Router(build_config(data)).resolve("LLM").base_urls == ("http://vilms-ollama:11434",)
+
+
+def test_named_vllm_service_runs_on_the_urls_port():
+    data = {"serving": {"engine": "vllm", "vllm-base-url": "http://vllm:9000/v1", "models": [{"name": "m"}]}}
+    services = render(data, gpu=False)["services"]
+    assert set(services) == {"vllm", "gateway"}
+    assert services["vllm"]["command"][:8] == ["--model", "m", "--served-model-name", "m", "--host", "0.0.0.0",
+                                               "--port", "9000"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from vilms.config import ConfigError, build_config
-from vilms.routing import Router, vllm_service_name
+from vilms.routing import Router, stack_host, stack_services, vllm_service_name
 from vilms.schema import with_defaults
 
 SEED_CONFIG = {
@@ -126,3 +126,52 @@ def test_vilms_validate_cli(tmp_path: Path):
     broken.write_text("serving: [\n")
     result = run_cli("validate", str(broken))
     assert result.returncode == 1 and "not valid YAML (line" in result.stderr
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("http://vilms-ollama:11434", ("vilms-ollama", 11434)),
+    ("http://vilms-ollama:11434/api", ("vilms-ollama", 11434)),
+    ("http://Ollama", ("ollama", 80)),
+    ("http://ollama.lan:11434", None),          # a dotted name is a server elsewhere
+    ("http://10.0.0.5:11434", None),            # so is an IP literal
+    ("http://[::1]:11434", None),
+    ("http://localhost:11434", None),           # the gateway container's own loopback, not a service
+])
+def test_stack_host_rule(url, expected):
+    assert stack_host(url) == expected
+
+
+def test_stack_services_follow_the_urls_the_gateway_uses():
+    config = build_config({"host": {"platform": "dgpu"}, "serving": {
+        "engine": "vllm", "ollama-base-url": ["http://vilms-ollama:11434", "http://10.0.0.5:11434"], "models": [
+            {"name": "big", "aliases": ["LLM"]},
+            {"name": "qwen2.5vl:3b", "type": "vlm"},
+            {"name": "ext", "engine": "openai", "base-url": "http://llamacpp:8080"},  # openai: never run by the stack
+            {"name": "e5", "type": "embedding", "engine": "ollama"}]}})
+    services = {s.name: s for s in stack_services(config)}
+    assert set(services) == {"vllm-big", "vilms-ollama"}
+    assert services["vilms-ollama"].models == ("qwen2.5vl:3b", "e5") and services["vilms-ollama"].kind == "ollama"
+    router = Router(config)
+    for svc in services.values():
+        for model in svc.models:
+            assert router.resolve(model).base_urls[0] == svc.url
+
+
+def test_external_services_opt_out_of_the_rule():
+    config = build_config({"serving": {"ollama-base-url": "http://shared-ollama:11434", "models": [{"name": "m"}]},
+                           "docker": {"external-services": ["shared-ollama"]}})
+    assert stack_services(config) == []
+
+
+@pytest.mark.parametrize("serving,message", [
+    ({"engine": "vllm", "vllm-base-url": "http://vllm:8000", "models": [{"name": "a"}, {"name": "b"}]},
+     "map to the same vLLM service 'vllm'"),
+    ({"ollama-base-url": "http://gateway:11434", "models": [{"name": "a"}]}, "which is the gateway"),
+    ({"ollama-base-url": "https://ollama:11434", "models": [{"name": "a"}]}, "serves plain http"),
+    ({"engine": "vllm", "ollama-base-url": "http://engine:11434", "vllm-base-url": "http://engine:11434",
+      "models": [{"name": "a", "type": "vlm"}, {"name": "b"}]}, "would run both ollama"),
+    ({"ollama-base-url": "http://o:1", "models": [{"name": "a"}, {"name": "b", "base-url": "http://o:2"}]},
+     "used on port 1 and port 2"),
+])
+def test_one_service_name_means_one_container(serving, message):
+    assert any(message in m for _, m in issues({"serving": serving}))

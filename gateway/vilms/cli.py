@@ -1,4 +1,4 @@
-"""`vilms validate | serve | compose`: the operator's entry points."""
+"""`vilms validate | render | serve | compose`: the operator's entry points."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _issues_for(path: str) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
         config = build_config(read_yaml(path), source=path)
     except ConfigError as exc:
         return exc.issues, []
-    warnings = [i for i in semantic_issues(config) if i.severity == "warning"]
+    warnings = list(config.notes) + [i for i in semantic_issues(config) if i.severity == "warning"]
     return [], warnings
 
 
@@ -34,6 +34,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not errors:
             print(f"{args.config}: valid")
     return 1 if errors else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Validate once, write config.yaml, docker-compose.yaml, plan.json (and keys.yaml) into --out."""
+    from .plan import render_to
+
+    gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    try:
+        result, changed = render_to(args.config, args.out, gpu=gpu, engine_tag=args.engine_tag)
+    except ConfigError as exc:
+        if args.format == "json":
+            print(json.dumps({"errors": [i.as_dict() for i in exc.issues]}, indent=2))
+        else:
+            for issue in exc.issues:
+                print(f"{args.config}: {issue.render()}", file=sys.stderr)
+            print(f"vilms render: {args.config} is invalid; nothing written to {args.out}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps({"out": args.out, "files": result.plan["files"] + ["plan.json"], "changed": changed,
+                          "warnings": [i.as_dict() for i in result.warnings]}, indent=2))
+    else:
+        for issue in result.warnings:
+            print(f"{args.config}: {issue.render()}")
+        print(f"vilms render: {args.out}: {len(changed)} file(s) changed" + (f" ({', '.join(changed)})" if changed else ""))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -91,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="validate once and write config.yaml, docker-compose.yaml, plan.json for a host")
+    p.add_argument("--config", required=True, help="the host's effective config.yaml")
+    p.add_argument("--out", required=True, help="directory to write into (created if missing)")
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="GPU access for engines (auto: docker.gpu, else detect nvidia tooling here)")
+    p.add_argument("--engine-tag", default=None, help="docker.tag.engine when the config leaves it unset (Jetson L4T tag)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", default=None, help=f"config.yaml (default: ${CONFIG_ENV})")

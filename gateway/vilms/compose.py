@@ -1,7 +1,8 @@
-"""Render docker-compose.yaml from a config: the one template, used by `vilms compose` and the Ansible role.
+"""Render docker-compose.yaml from a config: the one template, used by `vilms render`, `vilms compose` and the role.
 
-Python decides *what* runs (which engines, names, commands, GPU mode); the template only lays it out.
-Service names come from routing (`vllm_service_name`), so the gateway always finds its engines.
+Python decides *what* runs (which engines, names, images, commands, GPU mode, limits); the template only lays it
+out. Which engine services exist is routing's answer (`routing.stack_services`): the same URLs the gateway
+connects to, so compose can never create a service the gateway does not reach, or miss one it does.
 """
 
 from __future__ import annotations
@@ -17,25 +18,40 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from .config import Config
 from .params import vllm_cli_args
-from .routing import OLLAMA_DEFAULT_URL, VLLM_PORT, Router, vllm_service_name
+from .routing import GATEWAY_SERVICE, EngineService, Router, stack_services
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "docker-compose.yaml.j2"
 GATEWAY_CONFIG_PATH = "/etc/vilms/config.yaml"
+GATEWAY_KEYS_PATH = "/etc/vilms/keys.yaml"
+HOST_PORT_BASE = {"ollama": 11434, "vllm": 8000}  # first host port per engine kind when engine ports are published
 
 
 @dataclass
-class EngineService:
+class ComposeService:
+    """One engine container as compose runs it (routing's EngineService plus image, command, mounts)."""
+
     name: str
+    kind: str
     image: str
     port: int
+    models: list[str] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     healthcheck: list[str] = field(default_factory=list)
     host_port: int | None = None
-    models: list[str] = field(default_factory=list)
-    kind: str = "vllm"
+
+
+@dataclass
+class GatewayService:
+    """The gateway container: image, mounts and whether it needs the GPU (local CUDA embeddings)."""
+
+    image: str
+    port: int
+    models: list[str]
+    volumes: list[str]
+    gpu: bool
 
 
 def gpu_mode(platform: str, gpu: bool | None) -> str:
@@ -47,11 +63,31 @@ def gpu_mode(platform: str, gpu: bool | None) -> str:
     return "runtime" if platform == "js" else "devices"
 
 
-def _image(config: Config, kind: str) -> str:
+def resolve_gpu_mode(config: Config, platform: str | None = None, gpu: bool | None = None) -> str:
+    """The GPU mode for this render: the caller's choice, else `docker.gpu`, else detection."""
+    docker_gpu = config.docker.get("gpu", "auto")
+    if gpu is None and docker_gpu != "auto":
+        gpu = bool(docker_gpu)
+    return gpu_mode(platform or config.platform, gpu)
+
+
+def names_registry(repo: str) -> bool:
+    """Docker's rule: a first path component with a dot or a colon, or `localhost`, is a registry host."""
+    first, _, rest = repo.partition("/")
+    return bool(rest) and ("." in first or ":" in first or first == "localhost")
+
+
+def image_ref(config: Config, kind: str) -> str:
+    """`repo:tag` for an engine kind or the gateway, with `docker.registry` in front of registry-less repos."""
     docker = config.docker
     repo = docker["image"][kind]
+    registry = (docker.get("registry") or "").rstrip("/")
+    if registry and not names_registry(repo):
+        repo = f"{registry}/{repo}"
+    if ":" in repo.rsplit("/", 1)[-1] or "@" in repo:
+        return repo
     tag = docker["tag"].get({"ollama": "engine", "vllm": "vllm", "gateway": "gateway"}[kind]) or "latest"
-    return repo if ":" in repo.rsplit("/", 1)[-1] or "@" in repo else f"{repo}:{tag}"
+    return f"{repo}:{tag}"
 
 
 def _http_probe(port: int, path: str) -> list[str]:
@@ -60,56 +96,63 @@ def _http_probe(port: int, path: str) -> list[str]:
             f"import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=4).status == 200 else 1)"]
 
 
-def engine_services(config: Config) -> list[EngineService]:
-    router = Router(config)
+def _compose_service(config: Config, svc: EngineService, host_port: int) -> ComposeService:
     docker = config.docker
-    services: list[EngineService] = []
-    ollama_models = [r.name for r in router.routes.values()
-                     if r.engine == "ollama" and r.base_urls == (OLLAMA_DEFAULT_URL,)]
-    if ollama_models:
-        services.append(EngineService(
-            name="ollama", kind="ollama", image=_image(config, "ollama"), port=11434, models=ollama_models,
+    if svc.kind == "ollama":
+        return ComposeService(
+            name=svc.name, kind="ollama", image=image_ref(config, "ollama"), port=svc.port, models=list(svc.models),
             volumes=[f"{docker['ollama-dir']}:/root/.ollama"],
-            environment={"OLLAMA_HOST": "0.0.0.0:11434", "OLLAMA_KEEP_ALIVE": "30m"},
-            healthcheck=["CMD", "ollama", "list"], host_port=11434))
-    next_port = VLLM_PORT
-    for route in router.routes.values():
-        if route.engine != "vllm" or route.base_urls != (f"http://{vllm_service_name(route.name)}:{VLLM_PORT}",):
-            continue
-        spec = route.spec
-        command = ["--model", spec.path or spec.name, "--served-model-name", spec.name,
-                   "--host", "0.0.0.0", "--port", str(VLLM_PORT), *vllm_cli_args(spec.params), *spec.vllm_args]
-        services.append(EngineService(
-            name=vllm_service_name(spec.name), kind="vllm", image=_image(config, "vllm"), port=VLLM_PORT,
-            command=command, models=[spec.name], volumes=[f"{docker['models-dir']}:/models:ro"],
-            environment={"HF_HOME": "/models/.hf"}, healthcheck=_http_probe(VLLM_PORT, "/health"),
-            host_port=next_port))
-        next_port += 1
+            environment={"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": "30m"},
+            healthcheck=["CMD", "ollama", "list"], host_port=host_port)
+    spec = svc.spec
+    assert spec is not None, "a vLLM service always carries its model"
+    command = ["--model", spec.path or spec.name, "--served-model-name", spec.name,
+               "--host", "0.0.0.0", "--port", str(svc.port), *vllm_cli_args(spec.params), *spec.vllm_args]
+    return ComposeService(
+        name=svc.name, kind="vllm", image=image_ref(config, "vllm"), port=svc.port, models=[spec.name],
+        command=command, volumes=[f"{docker['models-dir']}:/models:ro"], environment={"HF_HOME": "/models/.hf"},
+        healthcheck=_http_probe(svc.port, "/health"), host_port=host_port)
+
+
+def engine_services(config: Config) -> list[ComposeService]:
+    """Routing's engine services, made concrete for compose (host ports counted per kind, in config order)."""
+    next_port = dict(HOST_PORT_BASE)
+    services = []
+    for svc in stack_services(config):
+        services.append(_compose_service(config, svc, next_port[svc.kind]))
+        next_port[svc.kind] += 1
     return services
 
 
-def render_compose(config: Config, platform: str | None = None, gpu: bool | None = None,
-                   config_path: str = "./config.yaml") -> str:
-    platform = platform or config.platform
-    docker_gpu = config.docker.get("gpu", "auto")
-    if gpu is None and docker_gpu != "auto":
-        gpu = bool(docker_gpu)
-    mode = gpu_mode(platform, gpu)
-    engines = engine_services(config)
-    emb = config.embedding
-    local_embeddings = [r.spec for r in Router(config).routes.values() if r.engine == "local"]
-    gateway_volumes = [f"{config_path}:{GATEWAY_CONFIG_PATH}:ro"]
-    for spec in local_embeddings:
+def gateway_service(config: Config, mode: str, config_path: str = "./config.yaml",
+                    keys_path: str | None = None) -> GatewayService:
+    local = [r.spec for r in Router(config).routes.values() if r.engine == "local"]
+    volumes = [f"{config_path}:{GATEWAY_CONFIG_PATH}:ro"]
+    if keys_path:
+        volumes.append(f"{keys_path}:{GATEWAY_KEYS_PATH}:ro")
+    for spec in local:
         if spec.path and spec.path.startswith("/"):
-            gateway_volumes.append(f"{spec.path}:{spec.path}:ro")
-    gateway_gpu = mode != "none" and bool(local_embeddings) and str(emb.get("device", "cpu")).startswith("cuda")
+            volumes.append(f"{spec.path}:{spec.path}:ro")
+    gpu = mode != "none" and bool(local) and str(config.embedding.get("device", "cpu")).startswith("cuda")
+    return GatewayService(image=image_ref(config, "gateway"), port=config.gateway["port"],
+                          models=[s.name for s in local], volumes=volumes, gpu=gpu)
+
+
+def render_compose(config: Config, platform: str | None = None, gpu: bool | None = None,
+                   config_path: str = "./config.yaml", keys_path: str | None = None,
+                   digest: str | None = None) -> str:
+    """The compose file text. `digest` (of the files the gateway mounts) forces a gateway re-create on change."""
+    platform = platform or config.platform
+    mode = resolve_gpu_mode(config, platform, gpu)
+    gateway = gateway_service(config, mode, config_path, keys_path)
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), undefined=StrictUndefined, trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
     return env.get_template(TEMPLATE_NAME).render(
-        docker=config.docker, gateway=config.gateway, engines=engines, gpu_mode=mode, platform=platform,
-        gateway_image=_image(config, "gateway"), gateway_volumes=gateway_volumes, gateway_gpu=gateway_gpu,
+        docker=config.docker, gateway=config.gateway, engines=engine_services(config), gpu_mode=mode,
+        platform=platform, gateway_name=GATEWAY_SERVICE, gateway_image=gateway.image,
+        gateway_volumes=gateway.volumes, gateway_gpu=gateway.gpu,
         gateway_healthcheck=_http_probe(config.gateway["port"], "/health_check"),
-        config_target=GATEWAY_CONFIG_PATH, config_digest=config_digest(config))
+        config_target=GATEWAY_CONFIG_PATH, config_digest=digest or config_digest(config))
 
 
 def config_digest(config: Config) -> str:
@@ -119,4 +162,4 @@ def config_digest(config: Config) -> str:
 
 def compose_context_models(config: Config) -> dict[str, list[str]]:
     """Which models each engine service must hold (the role pulls Ollama's)."""
-    return {s.name: s.models for s in engine_services(config)}
+    return {s.name: list(s.models) for s in stack_services(config)}

@@ -12,6 +12,8 @@ import yaml
 from .schema import ConfigIssue, schema_issues, with_defaults
 
 CONFIG_ENV = "VILMS_CONFIG"
+# Seed spellings still accepted: (section, old key) -> new key. The old value is applied under the new key.
+LEGACY_KEYS = {("docker", "docker-registry"): "registry", ("docker", "docker-project"): "project-name"}
 
 
 class ConfigError(Exception):
@@ -68,6 +70,7 @@ class Config:
     raw: dict[str, Any]
     models: tuple[ModelSpec, ...]
     source: str = "<memory>"
+    notes: tuple[ConfigIssue, ...] = ()  # warnings found while loading (deprecated spellings)
 
     @property
     def platform(self) -> str:
@@ -135,13 +138,37 @@ def _model_specs(filled: dict[str, Any]) -> list[ModelSpec]:
     return specs
 
 
+def apply_legacy_keys(data: dict[str, Any], filled: dict[str, Any]) -> tuple[list[ConfigIssue], list[ConfigIssue]]:
+    """Move seed spellings to their new keys in `filled`: (errors, deprecation warnings).
+
+    Both spellings with different values is an error: silently preferring one would deploy the other's surprise.
+    """
+    errors, warnings = [], []
+    for (section, old), new in LEGACY_KEYS.items():
+        given = data.get(section) or {}
+        if old not in given:
+            continue
+        where = f"/{section}/{old}"
+        if new in given and given[new] != given[old]:
+            errors.append(ConfigIssue(where, f"{section}.{old} ({given[old]!r}) and {section}.{new} ({given[new]!r}) disagree",
+                                      f"keep {section}.{new} only"))
+            continue
+        filled[section][new] = filled[section].pop(old)
+        warnings.append(ConfigIssue(where, f"{section}.{old} is the seed's spelling of {section}.{new}; it is applied as such",
+                                    f"rename it to {section}.{new}", severity="warning"))
+    return errors, warnings
+
+
 def build_config(data: Any, source: str = "<memory>") -> Config:
     """Validate `data` (schema, then cross-field rules) and return a Config, or raise ConfigError."""
     issues = schema_issues(data)
     if issues:
         raise ConfigError(issues)
     filled = with_defaults(data)
-    config = Config(raw=filled, models=tuple(_model_specs(filled)), source=source)
+    legacy_errors, notes = apply_legacy_keys(data, filled)
+    if legacy_errors:
+        raise ConfigError(legacy_errors)
+    config = Config(raw=filled, models=tuple(_model_specs(filled)), source=source, notes=tuple(notes))
     from .routing import semantic_issues  # routing owns alias and engine rules
 
     errors = [i for i in semantic_issues(config) if i.severity == "error"]

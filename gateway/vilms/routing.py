@@ -11,15 +11,19 @@ Chat routing follows the seed's five rules, in order:
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Iterable
+from urllib.parse import urlsplit
 
 from .config import Config, ModelSpec, as_url_list
 from .schema import ConfigIssue
 
 OLLAMA_DEFAULT_URL = "http://ollama:11434"
 VLLM_PORT = 8000
+STACK_ENGINES = ("ollama", "vllm")  # the engines compose knows how to run; `openai` servers are always external
+GATEWAY_SERVICE = "gateway"
 
 
 def vllm_service_name(model_name: str) -> str:
@@ -31,10 +35,37 @@ def vllm_service_name(model_name: str) -> str:
     return f"vllm-{slug[:48].rstrip('-') or 'model'}"
 
 
-def strip_api_suffix(url: str) -> str:
-    """Accept `http://h:8000`, `http://h:8000/` or `http://h:8000/v1`; engines add their own paths."""
+def strip_api_suffix(url: str, engine: str = "") -> str:
+    """Accept `http://h:8000`, `http://h:8000/` or `http://h:8000/v1` (Ollama: also `/api`); engines add their own paths."""
     url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+    if url.endswith("/v1"):
+        return url[:-3]
+    if engine == "ollama" and url.endswith("/api"):
+        return url[:-4]
+    return url
+
+
+def stack_host(url: str, external: Iterable[str] = ()) -> tuple[str, int] | None:
+    """(service, port) when `url` names a compose service of this stack, else None (an external server).
+
+    The rule: a host that is a single DNS label -- no dot, not an IP literal, not `localhost`, not listed in
+    `docker.external-services` -- can only be resolved by Docker's embedded DNS, so it is a service the stack
+    runs (the seed's `http://vilms-ollama:11434`). A dotted name or an IP is a server elsewhere.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not host or "." in host or host == "localhost" or host in external:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return host, port or (443 if parts.scheme == "https" else 80)
 
 
 @dataclass(frozen=True)
@@ -87,7 +118,7 @@ def engine_urls(config: Config, spec: ModelSpec, engine: str) -> tuple[str, ...]
         urls = as_url_list(serving.get("base-url")) if serving["engine"] == "openai" else ()
     else:
         urls = ()
-    return tuple(strip_api_suffix(u) for u in urls)
+    return tuple(strip_api_suffix(u, engine) for u in urls)
 
 
 class Router:
@@ -137,6 +168,83 @@ class Router:
         for route in self.routes.values():
             groups.setdefault((route.engine, route.base_urls), []).append(route)
         return groups
+
+
+@dataclass(frozen=True)
+class EngineService:
+    """One engine container the stack runs. Compose renders it and the gateway reaches it at `url`.
+
+    Built from the routes' own URLs (see `stack_host`), so the service set and the gateway's URLs cannot disagree.
+    """
+
+    name: str
+    kind: str  # ollama | vllm
+    port: int
+    models: tuple[str, ...]
+    spec: ModelSpec | None = None  # the model a vLLM service serves (one model per vLLM process)
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.name}:{self.port}"
+
+
+def _service_uses(config: Config) -> list[tuple[str, int, str, Route]]:
+    """(service, port, scheme, route) for every route URL that names a service of this stack, in config order."""
+    external = {h.lower() for h in config.docker.get("external-services") or ()}
+    uses = []
+    for route in Router(config).routes.values():
+        if route.engine not in STACK_ENGINES:
+            continue
+        for url in route.base_urls:
+            found = stack_host(url, external)
+            if found:
+                uses.append((found[0], found[1], urlsplit(url).scheme, route))
+    return uses
+
+
+def stack_services(config: Config) -> list[EngineService]:
+    """The engine services this stack must run: what compose renders and what plan.json lists."""
+    services: dict[str, EngineService] = {}
+    for name, port, scheme, route in _service_uses(config):
+        known = services.get(name)
+        if known is None:
+            services[name] = EngineService(name, route.engine, port, (route.name,),
+                                           route.spec if route.engine == "vllm" else None, scheme)
+        elif route.name not in known.models:
+            services[name] = EngineService(known.name, known.kind, known.port, (*known.models, route.name),
+                                           known.spec, known.scheme)
+    return list(services.values())
+
+
+def stack_service_issues(config: Config) -> list[ConfigIssue]:
+    """A service name must mean one container: one engine kind, one port, plain http, one model per vLLM."""
+    issues: list[ConfigIssue] = []
+    first: dict[str, tuple[int, Route]] = {}
+    for name, port, scheme, route in _service_uses(config):
+        where = route.spec.pointer
+        if name == GATEWAY_SERVICE:
+            issues.append(ConfigIssue(where, f"model {route.name!r} points at the service name {name!r}, which is the gateway",
+                                      "name the engine service something else"))
+            continue
+        if scheme != "http":
+            issues.append(ConfigIssue(where, f"{scheme}://{name} names a service of this stack, which serves plain http",
+                                      "use http://, or a full host name for an external server"))
+        if name not in first:
+            first[name] = (port, route)
+            continue
+        port0, route0 = first[name]
+        if route0.engine != route.engine:
+            issues.append(ConfigIssue(where, f"service {name!r} would run both {route0.engine} (for {route0.name!r}) "
+                                             f"and {route.engine} (for {route.name!r})", "give each engine its own service name"))
+        elif port0 != port:
+            issues.append(ConfigIssue(where, f"service {name!r} is used on port {port0} and port {port}",
+                                      "one service listens on one port"))
+        elif route.engine == "vllm" and route0.name != route.name:
+            issues.append(ConfigIssue(f"{where}/name", f"models {route0.name!r} and {route.name!r} map to the same vLLM service {name!r}",
+                                      "a vLLM server serves one model: give each model its own service (unset "
+                                      "vllm-base-url) or rename one model"))
+    return issues
 
 
 def _alias_edges(config: Config) -> Iterable[tuple[str, str]]:
@@ -193,7 +301,6 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(where, f"alias {alias!r} points to unknown model {node!r}",
                                           "known models: " + ", ".join(sorted(models)) if models else "no models configured"))
 
-    services: dict[str, str] = {}
     for spec in config.models:
         if spec.is_embedding:
             engine = embedding_engine(spec)
@@ -207,14 +314,8 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
         if engine == "openai" and not engine_urls(config, spec, engine):
             issues.append(ConfigIssue(spec.pointer, f"model {spec.name!r} uses an OpenAI-compatible engine with no URL",
                                       "set base-url on the model, or serving.base-url with serving.engine: openai"))
-        if engine == "vllm" and not spec.base_urls and not config.serving.get("vllm-base-url"):
-            service = vllm_service_name(spec.name)
-            if service in services and services[service] != spec.name:
-                issues.append(ConfigIssue(f"{spec.pointer}/name",
-                                          f"models {services[service]!r} and {spec.name!r} map to the same vLLM service {service!r}",
-                                          "rename one model"))
-            services[service] = spec.name
 
+    issues.extend(stack_service_issues(config))
     emb = config.embedding
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",

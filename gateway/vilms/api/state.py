@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from ..fetch import ImageFetcher
 from ..http import make_session
 from ..media import ImageLimits
 from ..params import request_defaults
-from ..routing import Route, Router
+from ..routing import Router
+from .readiness import model_report
 
 log = logging.getLogger("vilms.gateway")
 
@@ -41,6 +41,7 @@ class GatewayState:
     started: int = field(default_factory=lambda: int(time.time()))
     session: aiohttp.ClientSession | None = None
     engines: dict[str, Engine] = field(default_factory=dict)
+    embed_errors: dict[str, str] = field(default_factory=dict)  # eager loads that failed: readiness says "failed"
 
     @classmethod
     def build(cls, config: Config) -> "GatewayState":
@@ -73,7 +74,8 @@ class GatewayState:
             for embedder in self.embedders.values():
                 try:
                     await embedder.load()
-                except Exception as exc:  # keep serving chat; readiness reports the embedder as down
+                except Exception as exc:  # keep serving chat; readiness reports the embedder as failed
+                    self.embed_errors[embedder.name] = str(exc)
                     log.error("embedding model failed to load", extra={"fields": {"model": embedder.name,
                                                                                  "error": str(exc)}})
 
@@ -85,21 +87,6 @@ class GatewayState:
             await self.session.close()
 
     async def readiness(self) -> dict[str, Any]:
-        async def probe(engine: str, urls: tuple[str, ...]) -> bool:
-            for url in urls:
-                if await self.engines[engine].ready(url):
-                    return True
-            return False
-
-        checks: list[tuple[str, list[Route], Any]] = []
-        for (engine, urls), routes in self.router.engines().items():
-            if engine == "local":
-                continue
-            checks.append((engine, routes, probe(engine, urls)))
-        results = await asyncio.gather(*(c[2] for c in checks))
-        backends = [{"engine": engine, "models": [r.name for r in routes], "ready": ok}
-                    for (engine, routes, _), ok in zip(checks, results)]
-        for name, embedder in self.embedders.items():
-            lazy = self.config.embedding["load"] == "lazy"
-            backends.append({"engine": "local", "models": [name], "ready": embedder.model is not None or lazy})
-        return {"status": "ready" if any(b["ready"] for b in backends) else "unavailable", "backends": backends}
+        """Every configured model with its state; "ready" only when all are (see api/readiness.py)."""
+        assert self.session is not None, "readiness is served only after start()"
+        return await model_report(self.router, self.session, self.embedders, self.embed_errors)
