@@ -116,7 +116,7 @@ class CallbackModule(CallbackBase):
         rec = self._hosts.get(name)
         if rec is None:
             rec = self._hosts[name] = {
-                "group": None, "batch": None, "outcome": None, "changed": 0, "rolled_back": False,
+                "group": None, "batch": None, "outcome": None, "changed": 0, "rolled_back": False, "rollback_ran": False,
                 "release_before": None, "release_after": None, "gate": [], "rollback_gate": [],
                 "failed_task": None, "error": None, "last_task": None, "start_s": None, "end_s": None,
                 "duration_s": None}
@@ -189,18 +189,25 @@ class CallbackModule(CallbackBase):
         self._task_started[key] = now  # the next loop item is timed from here
         if "status" not in res and not failed:
             return  # not a request (e.g. the gate's verdict), or skipped
+        rec = self._host(host)
+        seconds = round(now - started, 2) if started else None
+        body = res.get("json")
+        if isinstance(body, dict) and isinstance(body.get("models"), list):  # /health/ready: a state per model
+            rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(
+                {"task": name, "model": str(m.get("model")), "ok": bool(m.get("ready")), "status": m.get("state"),
+                 "seconds": seconds} for m in body["models"] if isinstance(m, dict))
+            return
         item = res.get("item") if isinstance(res.get("item"), dict) else res.get("_ansible_item_label", res.get("item"))
         status = res.get("status")
         ok = not failed and isinstance(status, int) and 200 <= status < 300  # gate requests never fail by themselves
         entry = {"task": name, "model": _model_of(item) or name.split("|", 1)[-1].strip(), "ok": ok,
-                 "status": status, "seconds": round(now - started, 2) if started else None}
+                 "status": status, "seconds": seconds}
         if not ok and isinstance(res.get("json"), dict) and res["json"].get("error"):
             error = res["json"]["error"]
             entry["error"] = _first_line(error.get("message") if isinstance(error, dict) else error, 300)
         if failed:
             entry["error"] = _error_text(res)
-        rec = self._host(host)
-        rec["rollback_gate" if rec["rolled_back"] else "gate"].append(entry)
+        rec["rollback_gate" if rec["rollback_ran"] else "gate"].append(entry)
 
     def _record(self, result: Any, failed: bool = False) -> None:
         task, res = result._task, result._result
@@ -208,7 +215,7 @@ class CallbackModule(CallbackBase):
         if res.get("changed") and self._in_rollout:
             rec["changed"] += 1
         if _task_name(task).startswith(ROLLBACK_PREFIX) and not res.get("skipped"):
-            rec["rolled_back"] = True
+            rec["rollback_ran"] = True
         for key, value in (res.get("ansible_facts") or {}).items():
             if key == "vilms_stack_previous":
                 rec["release_before"] = value or None
@@ -257,7 +264,7 @@ class CallbackModule(CallbackBase):
         if stats.failures.get(name):
             if any(m in (rec["error"] or "").lower() for m in DOWN_MARKERS):
                 return "down"
-            return "rolled_back" if rec["rolled_back"] else "failed"
+            return "rolled_back" if rec["rollback_ran"] else "failed"
         if self._rollout and name in self._rollout["hosts"]:
             if rec["batch"] is None:
                 return "untouched"
@@ -275,6 +282,7 @@ class CallbackModule(CallbackBase):
             self._host(name)
         for name, rec in self._hosts.items():
             rec["outcome"] = self._outcome(name, rec, stats)
+            rec["rolled_back"] = rec["outcome"] == "rolled_back"
             if rec["start_s"] is not None:
                 rec["duration_s"] = round(rec["end_s"] - rec["start_s"], 2)
         rollout = self._rollout

@@ -98,11 +98,10 @@ def box_exec(name: str, argv: list[str]) -> str:
 
 
 def stack_fingerprint(name: str) -> str:
-    """What runs on a box: its stack files and the image IDs of its running containers."""
-    files = box_exec(name, ["sh", "-c", "cat /opt/vilms/config.yaml /opt/vilms/docker-compose.yaml"])
-    images = box_exec(name, ["docker", "ps", "--format", "{{.Names}} {{.Image}} {{.ID}}"])
+    """What runs on a box: the release `current` points at, its files, and each container's image ID."""
+    files = box_exec(name, ["sh", "-c", "readlink /opt/vilms/current; cat /opt/vilms/current/*.yaml"])
     ids = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Name}} {{.Image}}' $(docker ps -q) | sort"])
-    return hashlib.sha256((files + images + ids).encode()).hexdigest()
+    return hashlib.sha256((files + ids).encode()).hexdigest()
 
 
 def models_listed(name: str) -> set[str]:
@@ -129,14 +128,24 @@ def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
         set_group_vars(f, group, gv)
 
 
-def inject_gate_failure(f: fleetlib.Fleet, host: str) -> None:
-    """host_vars: the box's models plus one whose engine serves nothing (schema-valid; only the gate sees it)."""
+def inject_gate_failure(f: fleetlib.Fleet, host: str) -> str:
+    """host_vars that pass the schema and fail only the gate; returns the model the gate will find broken.
+
+    dgpu: the engine serves LLM_SMALL's model under another name (as issue #9's molecule test does).
+    Jetson: one more model, on an OpenAI-compatible engine that is not running.
+    """
     group = "dgpu" if "-dgpu-" in host else "jetsons"
     models = group_vars(f, group)["vilms_config"]["serving"]["models"]
-    ghost = {"name": "ghost-model", "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
-             "params": {"max-tokens": 4}}
-    data = {"vilms_config_host": {"serving": {"models": [*models, ghost]}}}
+    if group == "dgpu":
+        broken = models[1]["name"]
+        models = [models[0], {**models[1], "vllm-args": ["--served-model-name", "not-what-the-gateway-asks"]}]
+    else:
+        broken = "ghost-model"
+        models = [*models, {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1",
+                            "aliases": ["GHOST"], "params": {"max-tokens": 4}}]
+    data = {"vilms_stack_gate_timeout": 15, "vilms_config_host": {"serving": {"models": models}}}
     (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return broken
 
 
 def clear_host_vars(f: fleetlib.Fleet, host: str) -> None:
@@ -155,7 +164,7 @@ def test_canary_failure_rolls_back_and_halts(fleet):
     names = boxes(fleet)
     canary, later = names[0], names[1:]
     set_max_tokens(fleet, 12)  # a new release for every box
-    inject_gate_failure(fleet, canary)
+    broken = inject_gate_failure(fleet, canary)
     before = {n: stack_fingerprint(n) for n in names}
     try:
         run = rollout(fleet, "canary")
@@ -168,15 +177,17 @@ def test_canary_failure_rolls_back_and_halts(fleet):
     assert [b["hosts"] for b in rollout_info["batches"]] == [[canary]]
     c = run.host(canary)
     assert c["batch"] == 1 and c["outcome"] == "rolled_back" and c["rolled_back"], c
-    assert any(not g["ok"] and "GHOST" in g["model"] for g in c["gate"]), c["gate"]
-    assert c["error"], c
+    assert any(not g["ok"] and g["model"] == broken for g in c["gate"]), c["gate"]
+    assert all(g["ok"] for g in c["rollback_gate"]) and c["rollback_gate"], c["rollback_gate"]
+    assert c["release_before"] and c["release_after"] == c["release_before"] != c["release_attempted"], c
+    assert "rolled back to release " + c["release_before"] + ", healthy" in c["error"], c["error"]
     for name in later:
         h = run.host(name)
         assert h["outcome"] == "untouched" and h["batch"] is None, (name, h)
     # The canary runs what it ran before, and serves; later boxes were not touched at all.
     after = {n: stack_fingerprint(n) for n in names}
     assert after == before
-    assert "GHOST" not in models_listed(canary) and "LLM" in models_listed(canary)
+    assert {"LLM", "LLM_SMALL"} <= models_listed(canary)
     summary = run.report["summary"]
     assert summary["counts"] == {"rolled_back": 1, "untouched": N - 1}
     html = (fleet.reports / "latest.html").read_text()
@@ -206,7 +217,7 @@ def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
     assert run.rc != 0  # a host failed, and the run says so
     assert not run.report["rollout"]["halted"], run.report["rollout"]
     failing, sibling = names[2], names[3]
-    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3
+    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3, run.host(failing)
     assert run.host(sibling)["outcome"] == "updated" and run.host(sibling)["batch"] == 3
     assert run.host(names[0])["outcome"] == "updated"
     assert "GHOST" not in models_listed(failing)
