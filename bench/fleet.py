@@ -3,7 +3,8 @@
 Runs, on one fresh fleet of N boxes (devkit/fleet.py):
   1. first rollout (bare boxes: Docker installed, images shipped, stack up, gate);
   2. update rollout: config only (every model's max-tokens) and one image changed (the gateway plus one layer),
-     with the default canary batches [1, "25%", "100%"];
+     with the default canary batches [1, "25%", "100%"]; one box of the last batch fails its gate (injected through
+     its host_vars) and a failure budget of 50 % per batch lets the rollout complete around it;
   3. optionally (--variants) the same no-op rollout under different Ansible settings (pipelining off, forks 5,
      fact caching) to show what each changes.
 Every rollout runs with ansible.posix.profile_tasks; the ten slowest tasks of each are kept. Bytes each box received
@@ -123,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{args.prefix}-2"
     layer = changed_gateway_image(fleet, tag, registry)
     point_fleet_at(fleet, tag, registry, max_tokens=12)
-    update = timed_rollout(fleet, "update", {}, rx=registry)
+    boxes = fleetlib.boxes(fleet)
+    injected = boxes[-1]
+    broken = fleetlib.inject_gate_failure(fleet, injected)
+    update = timed_rollout(fleet, "update", {"vilms_rollout_max_fail_percentage": 50}, rx=registry)
+    update["injected_failure"] = {"host": injected, "model": broken}
+    (fleet.inventory / "host_vars" / f"{injected}.yml").write_text("---\n{}\n")
     if not registry:
         size = (fleet.state / f"gateway-{tag}.tar").stat().st_size
         update["archive_bytes_per_host"] = size

@@ -34,6 +34,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "vilms-rig/debian:bookworm-2"
+# Edge boxes come flashed with Docker (JetPack images include it): the rig's base image plus Debian's docker.io,
+# so a fleet rollout spends its time on the stack, not on twenty identical apt downloads. The docker_engine role
+# still runs on every rollout (and finds the packages there).
+BOX_IMAGE = "vilms-rig/fleet-box:1"
+BOX_DOCKERFILE = f"""FROM {BASE_IMAGE}
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+      docker.io python3-requests >/dev/null && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+"""
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")  # Debian's docker-registry package
 REGISTRY_PORT = 5000
 # The boxes run the light gateway image: the local MiniLM embedder (1.3 GB image) is the molecule dgpu
@@ -159,13 +167,48 @@ def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | 
             path.write_text(f"---\n# Per-box overrides for {name} (e.g. vilms_config_host).\n{{}}\n")
 
 
+def inject_gate_failure(f: Fleet, host: str) -> str:
+    """host_vars that pass the schema and fail only the gate; returns the model the gate will find broken.
+
+    dgpu: the engine serves LLM_SMALL's model under another name (as issue #9's molecule test does).
+    Jetson: one more model, on an OpenAI-compatible engine that is not running.
+    """
+    group = "dgpu" if "-dgpu-" in host else "jetsons"
+    group_vars = yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
+    models = group_vars["vilms_config"]["serving"]["models"]
+    if group == "dgpu":
+        broken = models[1]["name"]
+        models = [models[0], {**models[1], "vllm-args": ["--served-model-name", "not-what-the-gateway-asks"]}]
+    else:
+        broken = "ghost-model"
+        models = [*models, {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1",
+                            "aliases": ["GHOST"], "params": {"max-tokens": 4}}]
+    data = {"vilms_stack_gate_timeout": 15, "vilms_config_host": {"serving": {"models": models}}}
+    (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return broken
+
+
 def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=300)
 
 
-def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]]) -> None:
-    client = docker_client()
+def box_image(client: docker.DockerClient, bare: bool) -> str:
+    """The image boxes start from: the rig's base image (bare) or that plus Docker (built once, cached)."""
     client.images.get(BASE_IMAGE)  # raises with a clear name when `devkit/rig/rig.sh images` has not run
+    if bare:
+        return BASE_IMAGE
+    try:
+        client.images.get(BOX_IMAGE)
+    except docker.errors.ImageNotFound:
+        print(f"fleet: building {BOX_IMAGE} (Docker preinstalled, once)")
+        import io
+        client.images.build(fileobj=io.BytesIO(BOX_DOCKERFILE.encode()), tag=BOX_IMAGE, rm=True)
+    return BOX_IMAGE
+
+
+def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]], bare: bool = False) -> None:
+    client = docker_client()
+    image = box_image(client, bare)
     if not client.networks.list(names=[fleet.network]):
         client.networks.create(fleet.network, driver="bridge", labels=fleet.label)
     for name, group in hosts:
@@ -175,7 +218,7 @@ def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]]) -> None:
         except docker.errors.NotFound:
             pass
         client.containers.run(
-            BASE_IMAGE, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
+            image, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
             detach=True, privileged=True, cgroupns="private", volumes=["/var/lib/docker"],
             network=fleet.network, labels={**fleet.label, "vilms-fleet-group": group})
 
@@ -300,13 +343,13 @@ def boxes(fleet: Fleet) -> list[str]:
     return [h for g in ("dgpu", "jetsons") for h in (inv[g]["hosts"] or {})]
 
 
-def up(fleet: Fleet, n: int, registry: bool) -> None:
+def up(fleet: Fleet, n: int, registry: bool, bare: bool = False) -> None:
     hosts = fleet.host_names(n)
     if fleet.state.exists() and (fleet.inventory / "hosts.yml").exists():
         old = set(boxes(fleet))
         if old != {h for h, _ in hosts}:
             raise SystemExit(f"fleet: '{fleet.prefix}' exists with other boxes; `make fleet-down` first")
-    create_boxes(fleet, hosts)
+    create_boxes(fleet, hosts, bare)
     reg = None
     if registry:
         reg = start_registry(fleet)
@@ -339,11 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=os.environ.get("VILMS_FLEET_PREFIX", "vilms-fleet"))
     parser.add_argument("--n", type=int, default=int(os.environ.get("N", "20")))
     parser.add_argument("--registry", action="store_true", help="serve images from a site registry")
+    parser.add_argument("--bare", action="store_true", help="boxes without Docker (the first rollout installs it)")
     parser.add_argument("ansible_args", nargs="*", help="after --: passed to ansible-playbook")
     args = parser.parse_args(argv)
     fleet = Fleet(args.prefix)
     if args.command == "up":
-        up(fleet, args.n, args.registry)
+        up(fleet, args.n, args.registry, args.bare)
     elif args.command == "down":
         down(fleet)
     elif args.command == "inventory":

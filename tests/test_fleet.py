@@ -128,26 +128,6 @@ def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
         set_group_vars(f, group, gv)
 
 
-def inject_gate_failure(f: fleetlib.Fleet, host: str) -> str:
-    """host_vars that pass the schema and fail only the gate; returns the model the gate will find broken.
-
-    dgpu: the engine serves LLM_SMALL's model under another name (as issue #9's molecule test does).
-    Jetson: one more model, on an OpenAI-compatible engine that is not running.
-    """
-    group = "dgpu" if "-dgpu-" in host else "jetsons"
-    models = group_vars(f, group)["vilms_config"]["serving"]["models"]
-    if group == "dgpu":
-        broken = models[1]["name"]
-        models = [models[0], {**models[1], "vllm-args": ["--served-model-name", "not-what-the-gateway-asks"]}]
-    else:
-        broken = "ghost-model"
-        models = [*models, {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1",
-                            "aliases": ["GHOST"], "params": {"max-tokens": 4}}]
-    data = {"vilms_stack_gate_timeout": 15, "vilms_config_host": {"serving": {"models": models}}}
-    (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return broken
-
-
 def clear_host_vars(f: fleetlib.Fleet, host: str) -> None:
     (f.inventory / "host_vars" / f"{host}.yml").write_text("---\n{}\n")
 
@@ -164,7 +144,7 @@ def test_canary_failure_rolls_back_and_halts(fleet):
     names = boxes(fleet)
     canary, later = names[0], names[1:]
     set_max_tokens(fleet, 12)  # a new release for every box
-    broken = inject_gate_failure(fleet, canary)
+    broken = fleetlib.inject_gate_failure(fleet, canary)
     before = {n: stack_fingerprint(n) for n in names}
     try:
         run = rollout(fleet, "canary")
@@ -200,7 +180,7 @@ def budget_run(fleet) -> Iterator[FleetRun]:
     names = boxes(fleet)
     offline, failing = names[1], names[2]
     set_max_tokens(fleet, 10)
-    inject_gate_failure(fleet, failing)
+    fleetlib.inject_gate_failure(fleet, failing)
     client = fleetlib.docker_client()
     client.containers.get(offline).stop(timeout=1)
     try:
