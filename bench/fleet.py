@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -49,13 +50,18 @@ def timed_rollout(fleet: fleetlib.Fleet, name: str, extra: dict[str, Any], env: 
     log = fleet.state / f"bench-{name}.log"
     env = {"ANSIBLE_CALLBACKS_ENABLED": "vilms_fleet_report,ansible.posix.profile_tasks", **(env or {})}
     load_before = load_average()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     rc = fleetlib.rollout(fleet, ["-e", json.dumps(extra)], env=env, log=log)
     wall = time.monotonic() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the controller's own cost: ansible-playbook and its forks (the boxes' work runs in their containers)
+    controller_cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     report = json.loads((fleet.reports / "latest.json").read_text())
     out: dict[str, Any] = {
         "name": name, "rc": rc, "wall_s": round(wall, 1), "hosts": len(names),
         "hosts_per_min": round(len(names) / (wall / 60), 2), "load_before": load_before, "load_after": load_average(),
+        "controller_cpu_s": round(controller_cpu, 1), "controller_cpu_s_per_host": round(controller_cpu / len(names), 1),
         "outcomes": report["summary"]["counts"], "slowest_tasks": slowest_tasks(log.read_text()),
         "batches": [{"index": b["index"], "hosts": len(b["hosts"]), "s": round(b["end_s"] - b["start_s"], 1)}
                     for b in (report.get("rollout") or {}).get("batches", [])],

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ansible.plugins.callback import CallbackBase
 
@@ -200,7 +201,8 @@ class CallbackModule(CallbackBase):
         item = res.get("item") if isinstance(res.get("item"), dict) else res.get("_ansible_item_label", res.get("item"))
         status = res.get("status")
         ok = not failed and isinstance(status, int) and 200 <= status < 300  # gate requests never fail by themselves
-        entry = {"task": name, "model": _model_of(item) or name.split("|", 1)[-1].strip(), "ok": ok,
+        what = _model_of(item) or urlsplit(str(res.get("url") or "")).path or name.split("|", 1)[-1].strip()
+        entry = {"task": name, "model": what, "ok": ok,
                  "status": status, "seconds": seconds}
         if not ok and isinstance(res.get("json"), dict) and res["json"].get("error"):
             error = res["json"]["error"]

@@ -48,10 +48,13 @@ if SKIP:
 
 
 class FleetRun:
-    """One rollout's result: return code, parsed report, log text."""
+    """One rollout's result: return code, parsed report, log text (and what a test measured around it)."""
 
     def __init__(self, rc: int, report: dict[str, Any], log: str):
         self.rc, self.report, self.log = rc, report, log
+        self.rx: dict[str, int] = {}
+        self.new_gateway = ""
+        self.old_gateway: dict[str, str] = {}
 
     def host(self, name: str) -> dict[str, Any]:
         return self.report["hosts"][name]
@@ -175,20 +178,43 @@ def test_canary_failure_rolls_back_and_halts(fleet):
 
 
 @pytest.fixture(scope="module")
-def budget_run(fleet) -> Iterator[FleetRun]:
-    """Batch 3 holds both Jetsons; one fails its gate, the budget (50%) allows it; dgpu-02 is switched off."""
+def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
+    """One update rollout for three claims: a config change plus a new gateway image (the old one and one small
+    layer) through the site registry; jetson-01 (batch 3, with jetson-02) fails its gate and the budget (50 %)
+    allows it; dgpu-02 is switched off."""
     names = boxes(fleet)
     offline, failing = names[1], names[2]
+    client = fleetlib.docker_client()
+    ctx = tmp_path_factory.mktemp("image")
+    (ctx / "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY release-note.txt /etc/vilms-release-note\n")
+    (ctx / "release-note.txt").write_bytes(os.urandom(256 * 1024))  # incompressible: 256 KiB on the wire
+    tag = f"{PREFIX}-update"
+    client.images.build(path=str(ctx), tag=f"vilms/gateway:{tag}", rm=True)
+    fleetlib.push(fleet, f"vilms/gateway:{tag}")
+    for group in ("dgpu", "jetsons"):
+        gv = group_vars(fleet, group)
+        gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
+        set_group_vars(fleet, group, gv)
     set_max_tokens(fleet, 10)
     fleetlib.inject_gate_failure(fleet, failing)
-    client = fleetlib.docker_client()
+    old_gateway = {n: gateway_image(n) for n in names}
     client.containers.get(offline).stop(timeout=1)
+    online = [n for n in names if n != offline]
+    rx_before = fleetlib.net_rx_bytes(online)
     try:
         run = rollout(fleet, "budget", budget=50)
+        rx_after = fleetlib.net_rx_bytes(online)
     finally:
         clear_host_vars(fleet, failing)
         client.containers.get(offline).start()
+    run.rx = {n: rx_after[n] - rx_before[n] for n in online}
+    run.new_gateway = client.images.get(f"vilms/gateway:{tag}").id
+    run.old_gateway = old_gateway
     yield run
+
+
+def gateway_image(name: str) -> str:
+    return box_exec(name, ["sh", "-c", "docker inspect -f '{{.Image}}' $(docker ps -q --filter name=gateway)"]).strip()
 
 
 def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
@@ -211,27 +237,13 @@ def test_unreachable_box_is_reported(fleet, budget_run):
     assert budget_run.report["summary"]["counts"].get("unreachable") == 1
 
 
-def test_registry_update_moves_only_changed_layers(fleet, tmp_path):
-    """A new gateway image = the old one plus one small layer; each box pulls that layer, not the image."""
-    client = fleetlib.docker_client()
-    tag = f"{PREFIX}-update"
-    (tmp_path / "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY release-note.txt /etc/vilms-release-note\n")
-    (tmp_path / "release-note.txt").write_bytes(os.urandom(256 * 1024))
-    client.images.build(path=str(tmp_path), tag=f"vilms/gateway:{tag}", rm=True)
-    fleetlib.push(fleet, f"vilms/gateway:{tag}")
-    full = client.images.get("vilms/gateway:rig").attrs["Size"]
+def test_registry_update_moves_only_changed_layers(fleet, budget_run):
+    """Each updated box pulled the new layer (256 KiB) and manifests, not the ~300 MB gateway image."""
     names = boxes(fleet)
-    for group in ("dgpu", "jetsons"):
-        gv = group_vars(fleet, group)
-        gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
-        set_group_vars(fleet, group, gv)
-    rx_before = fleetlib.net_rx_bytes(names)
-    run = rollout(fleet, "registry-update", batches=["100%"])
-    rx = {n: b - rx_before[n] for n, b in fleetlib.net_rx_bytes(names).items()}
-    assert run.rc == 0, run.log[-6000:]
-    new_id = client.images.get(f"vilms/gateway:{tag}").id
-    for name in names:
-        running = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Image}}' $(docker ps -q --filter name=gateway)"])
-        assert running.strip() == new_id, name
-        # the changed layer (256 KiB, compressed: incompressible bytes) and manifests, not the ~300 MB image
-        assert 256 * 1024 < rx[name] < 8 * 1024 * 1024, (name, rx[name], full)
+    full = fleetlib.docker_client().images.get("vilms/gateway:rig").attrs["Size"]
+    for name in (names[0], names[3]):
+        assert budget_run.host(name)["outcome"] == "updated"
+        assert gateway_image(name) == budget_run.new_gateway != budget_run.old_gateway[name], name
+        assert 256 * 1024 < budget_run.rx[name] < 8 * 1024 * 1024, (name, budget_run.rx[name], full)
+    # the box that failed its gate runs its previous release's image again
+    assert gateway_image(names[2]) == budget_run.old_gateway[names[2]]
