@@ -170,19 +170,15 @@ def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | 
 def inject_gate_failure(f: Fleet, host: str) -> str:
     """host_vars that pass the schema and fail only the gate; returns the model the gate will find broken.
 
-    dgpu: the engine serves LLM_SMALL's model under another name (as issue #9's molecule test does).
-    Jetson: one more model, on an OpenAI-compatible engine that is not running.
+    One more model, on an OpenAI-compatible engine that is not running: /health/ready never lists it ready and its
+    chat request fails, whichever gateway version the box runs.
     """
     group = "dgpu" if "-dgpu-" in host else "jetsons"
     group_vars = yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
-    models = group_vars["vilms_config"]["serving"]["models"]
-    if group == "dgpu":
-        broken = models[1]["name"]
-        models = [models[0], {**models[1], "vllm-args": ["--served-model-name", "not-what-the-gateway-asks"]}]
-    else:
-        broken = "ghost-model"
-        models = [*models, {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1",
-                            "aliases": ["GHOST"], "params": {"max-tokens": 4}}]
+    broken = "ghost-model"
+    models = [*group_vars["vilms_config"]["serving"]["models"],
+              {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
+               "params": {"max-tokens": 4}}]
     data = {"vilms_stack_gate_timeout": 15, "vilms_config_host": {"serving": {"models": models}}}
     (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
     return broken
