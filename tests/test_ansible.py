@@ -85,3 +85,44 @@ def test_bad_inventory_fails_in_preflight_before_any_host_is_touched(tmp_path, c
         assert text in out, out[-3000:]
     assert "UNREACHABLE" not in out and "Gathering Facts" not in out
     assert "PLAY [Runtime" not in out and "PLAY [Stack" not in out
+
+
+def _save_archive(path: Path, manifest: list[dict]) -> None:
+    """A `docker save`-shaped tar: only manifest.json matters to archive_ids.py."""
+    import io
+    import json
+    import tarfile
+
+    data = json.dumps(manifest).encode()
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_archive_ids_reads_each_tags_image_id_from_the_manifest(tmp_path):
+    """The role loads an archive when these IDs differ from the host's; both save layouts name the config blob."""
+    import json
+
+    legacy, oci = tmp_path / "legacy.tar", tmp_path / "oci.tar"
+    _save_archive(legacy, [{"Config": "ab12.json", "RepoTags": ["vilms/gateway:1", "vilms/gateway:latest"], "Layers": []}])
+    _save_archive(oci, [{"Config": "blobs/sha256/cd34", "RepoTags": ["e:1"], "Layers": []},
+                        {"Config": "blobs/sha256/ef56", "RepoTags": ["e:2"], "Layers": []}])
+    script = ROOT / "roles" / "vilms_stack" / "files" / "archive_ids.py"
+    result = subprocess.run([sys.executable, str(script), str(legacy), str(oci)], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == {
+        str(legacy): {"tags": ["vilms/gateway:1", "vilms/gateway:latest"], "ids": ["sha256:ab12", "sha256:ab12"]},
+        str(oci): {"tags": ["e:1", "e:2"], "ids": ["sha256:cd34", "sha256:ef56"]}}
+    untagged = tmp_path / "untagged.tar"
+    _save_archive(untagged, [{"Config": "ab12.json", "RepoTags": None, "Layers": []}])
+    bad = subprocess.run([sys.executable, str(script), str(untagged)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "carry no tag" in bad.stderr
+
+
+def test_the_role_validates_only_through_vilms_render():
+    """One render's plan: no second validation path, no compose re-render, no guessed container names."""
+    tasks = "\n".join(p.read_text() for p in (ROOT / "roles" / "vilms_stack" / "tasks").glob("*.yml"))
+    assert "'render'" in tasks
+    for banned in ("ansible.utils.validate", "'validate'", "--models-json", "'compose'", "-ollama-1",
+                   "docker_container_exec"):
+        assert banned not in tasks, banned
