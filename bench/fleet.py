@@ -97,7 +97,7 @@ def point_fleet_at(fleet: fleetlib.Fleet, tag: str, registry: bool, max_tokens: 
     import yaml
 
     for group in ("dgpu", "jetsons"):
-        path = fleet.inventory / "group_vars" / f"{group}.yml"
+        path = fleet.inventory / "group_vars" / group / "main.yml"
         gv = yaml.safe_load(path.read_text())
         gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
         for model in gv["vilms_config"]["serving"]["models"]:

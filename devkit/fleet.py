@@ -48,6 +48,7 @@ REGISTRY_PORT = 5000
 # scenario's job; twenty copies of it would not fit a laptop.
 FLEET_GATEWAY = {"dgpu": "rig", "jetsons": "rig"}
 SCENARIOS = {"dgpu": "dgpu", "jetsons": "jetson"}
+VAULT_PASSWORD = ROOT / "molecule" / "resources" / "vault-password"
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,41 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, text)
 
 
-def scenario_group_vars(scenario: str, env: dict[str, str]) -> dict[str, Any]:
-    """The group variables a molecule scenario gives its host (the one source for what a rig box is)."""
-    text = (ROOT / "molecule" / scenario / "molecule.yml").read_text()
-    data = yaml.safe_load(_expand(text, env))
-    return data["provisioner"]["inventory"]["group_vars"]["all"]
+class _VaultLoader(yaml.SafeLoader):
+    """Reads a variables file that holds `!vault` values (kept as None here; the file itself is copied)."""
+
+
+_VaultLoader.add_constructor("!vault", lambda loader, node: None)
+
+
+def scenario_group_vars(scenario: str, env: dict[str, str]) -> tuple[dict[str, Any], list[Path]]:
+    """The group variables a molecule scenario gives its host (the one source for what a rig box is).
+
+    Inline in molecule.yml (provisioner.inventory.group_vars.all), or a linked group_vars directory
+    (provisioner.inventory.links.group_vars): its plain files are merged here, files with vaulted values are
+    returned to be copied as they are (Ansible decrypts them with ANSIBLE_VAULT_PASSWORD_FILE).
+    """
+    scenario_dir = ROOT / "molecule" / scenario
+    inventory = yaml.safe_load(_expand((scenario_dir / "molecule.yml").read_text(), env))["provisioner"]["inventory"]
+    if "all" in (inventory.get("group_vars") or {}):
+        return inventory["group_vars"]["all"], []
+    merged: dict[str, Any] = {}
+    vaulted: list[Path] = []
+    all_dir = scenario_dir / inventory["links"]["group_vars"] / "all"
+    for path in sorted(all_dir.glob("*.yml")):
+        text = path.read_text()
+        if "!vault" in text:
+            vaulted.append(path)
+        else:
+            merged.update(yaml.load(text, Loader=_VaultLoader) or {})
+    return merged, vaulted
 
 
 def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, Any]:
     """A fleet group's variables: the scenario's, with the light gateway and (optionally) the site registry."""
     env = {"MOLECULE_PROJECT_DIRECTORY": str(ROOT), "VILMS_RIG_MINILM": str(fleet.state / "no-minilm"),
            "HOME": os.environ.get("HOME", "/root")}
-    gv = scenario_group_vars(SCENARIOS[group], env)
+    gv, _ = scenario_group_vars(SCENARIOS[group], env)
     gv["vilms_rig_cache"] = str(rig_cache())
     cfg = gv["vilms_config"]
     cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = FLEET_GATEWAY[group]
@@ -160,7 +184,10 @@ def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | 
     (inv / "group_vars" / "all.yml").write_text(header + yaml.safe_dump(all_vars, sort_keys=False))
     for group in ("dgpu", "jetsons"):
         gv = group_vars_for(fleet, group, registry)
-        (inv / "group_vars" / f"{group}.yml").write_text(header + yaml.safe_dump(gv, sort_keys=False))
+        (inv / "group_vars" / group).mkdir(exist_ok=True)
+        (inv / "group_vars" / group / "main.yml").write_text(header + yaml.safe_dump(gv, sort_keys=False))
+        for vaulted in scenario_group_vars(SCENARIOS[group], {})[1]:
+            shutil.copy(vaulted, inv / "group_vars" / group / vaulted.name)
     for name, _ in hosts:
         path = inv / "host_vars" / f"{name}.yml"
         if not path.exists():
@@ -174,7 +201,7 @@ def inject_gate_failure(f: Fleet, host: str) -> str:
     chat request fails, whichever gateway version the box runs.
     """
     group = "dgpu" if "-dgpu-" in host else "jetsons"
-    group_vars = yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
+    group_vars = yaml.safe_load((f.inventory / "group_vars" / group / "main.yml").read_text())
     broken = "ghost-model"
     models = [*group_vars["vilms_config"]["serving"]["models"],
               {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
@@ -279,6 +306,8 @@ def ansible_env(fleet: Fleet, report: bool, extra: dict[str, str] | None = None)
     env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
     env["ANSIBLE_ROLES_PATH"] = str(ROOT / "roles")
     env.setdefault("ANSIBLE_FORKS", "20")
+    if VAULT_PASSWORD.exists():  # the rig's test-only vault password (molecule's jetson scenario vaults its API key)
+        env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(VAULT_PASSWORD))
     if report:
         env["VILMS_FLEET_REPORT_DIR"] = str(fleet.reports)
     else:

@@ -118,11 +118,11 @@ def models_listed(name: str) -> set[str]:
 
 
 def group_vars(f: fleetlib.Fleet, group: str) -> dict[str, Any]:
-    return yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
+    return yaml.safe_load((f.inventory / "group_vars" / group / "main.yml").read_text())
 
 
 def set_group_vars(f: fleetlib.Fleet, group: str, data: dict[str, Any]) -> None:
-    (f.inventory / "group_vars" / f"{group}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (f.inventory / "group_vars" / group / "main.yml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
