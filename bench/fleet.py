@@ -80,7 +80,7 @@ def changed_gateway_image(fleet: fleetlib.Fleet, tag: str, registry: bool) -> in
     """The gateway image plus one 256 KiB layer, as an update ships it; returns the new layer's size."""
     client = fleetlib.docker_client()
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY note /etc/vilms-release-note\n")
+        Path(tmp, "Dockerfile").write_text(f"FROM vilms/gateway:{fleet.prefix}\nCOPY note /etc/vilms-release-note\n")
         Path(tmp, "note").write_bytes(os.urandom(256 * 1024))
         client.images.build(path=tmp, tag=f"vilms/gateway:{tag}", rm=True)
     if registry:

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ REGISTRY_BINARY = Path("/usr/bin/docker-registry")  # Debian's docker-registry p
 REGISTRY_PORT = 5000
 # The boxes run the light gateway image: the local MiniLM embedder (1.3 GB image) is the molecule dgpu
 # scenario's job; twenty copies of it would not fit a laptop.
-FLEET_GATEWAY = {"dgpu": "rig", "jetsons": "rig"}
+RIG_GATEWAY = "vilms/gateway:rig"
 SCENARIOS = {"dgpu": "dgpu", "jetsons": "jetson"}
 VAULT_PASSWORD = ROOT / "molecule" / "resources" / "vault-password"
 
@@ -141,11 +142,11 @@ def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, 
     gv, _ = scenario_group_vars(SCENARIOS[group], env)
     gv["vilms_rig_cache"] = str(rig_cache())
     cfg = gv["vilms_config"]
-    cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = FLEET_GATEWAY[group]
+    cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = fleet.prefix  # build_gateway()
     if group == "dgpu":
         cfg["embedding"] = {"enabled": False}
         gv["vilms_rig_expect"] = {**gv.get("vilms_rig_expect", {}), "embeddings": []}
-    gateway_image = f"vilms/gateway:{FLEET_GATEWAY[group]}"
+    gateway_image = f"vilms/gateway:{fleet.prefix}"
     engine_image = "vilms-rig/engines:standin" if group == "dgpu" else "vilms-rig/engines:r36.4.0"
     if registry:
         gv["vilms_stack_image_source"] = "registry"
@@ -156,7 +157,7 @@ def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, 
             images[key] = f"{registry}/{repo}"
     else:
         gv["vilms_stack_image_archives"] = [
-            {"image": gateway_image, "src": "{{ vilms_rig_cache }}/images/gateway.tar"},
+            {"image": gateway_image, "src": str(fleet.state / "gateway.tar")},
             {"image": engine_image, "src": "{{ vilms_rig_cache }}/images/engines.tar"}]
     return gv
 
@@ -244,6 +245,32 @@ def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]], bare: bool = False)
             image, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
             detach=True, privileged=True, cgroupns="private", volumes=["/var/lib/docker"],
             network=fleet.network, labels={**fleet.label, "vilms-fleet-group": group})
+
+
+def build_gateway(fleet: Fleet) -> str:
+    """The gateway the boxes run: this checkout's vilms package as one layer over the rig's gateway image.
+
+    The rig's image may come from an older checkout (its cache is shared); the fleet must run the code it deploys
+    with (schema, render and gateway agree). Building it is a copy, not a pip install: seconds.
+    """
+    client = docker_client()
+    site = client.containers.run(RIG_GATEWAY, ["-c", "import os, vilms; print(os.path.dirname(vilms.__file__))"],
+                                 entrypoint="python3", remove=True).decode().strip()
+    tag = f"vilms/gateway:{fleet.prefix}"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT / "gateway" / "vilms", Path(tmp) / "vilms",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (Path(tmp) / "vilms" / "_data").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "schemas" / "vilms-config.schema.json", Path(tmp) / "vilms" / "_data")
+        (Path(tmp) / "Dockerfile").write_text(f"FROM {RIG_GATEWAY}\nCOPY vilms {site}\n")
+        client.images.build(path=tmp, tag=tag, rm=True)
+    return tag
+
+
+def save_archive(image: str, path: Path) -> None:
+    with open(path, "wb") as out:
+        for chunk in docker_client().images.get(image).save(named=True):
+            out.write(chunk)
 
 
 def start_registry(fleet: Fleet) -> str:
@@ -375,11 +402,14 @@ def up(fleet: Fleet, n: int, registry: bool, bare: bool = False) -> None:
         if old != {h for h, _ in hosts}:
             raise SystemExit(f"fleet: '{fleet.prefix}' exists with other boxes; `make fleet-down` first")
     create_boxes(fleet, hosts, bare)
+    gateway = build_gateway(fleet)
     reg = None
     if registry:
         reg = start_registry(fleet)
-        for image in ("vilms/gateway:rig", "vilms-rig/engines:standin", "vilms-rig/engines:r36.4.0"):
+        for image in (gateway, "vilms-rig/engines:standin", "vilms-rig/engines:r36.4.0"):
             push(fleet, image)
+    else:
+        save_archive(gateway, fleet.state / "gateway.tar")
     write_inventory(fleet, hosts, reg)
     rc = prepare(fleet)
     if rc:
@@ -393,6 +423,10 @@ def down(fleet: Fleet) -> None:
         c.remove(force=True, v=True)
     for net in client.networks.list(names=[fleet.network]):
         net.remove()
+    for image in client.images.list(name="vilms/gateway"):
+        for tag in image.tags:
+            if tag.startswith(f"vilms/gateway:{fleet.prefix}"):  # build_gateway()'s and later updates
+                client.images.remove(tag, noprune=False)
     if (fleet.state / "registry").exists():
         # the registry wrote as root inside its box; the data is ours to drop
         shutil.rmtree(fleet.state / "registry", ignore_errors=True)

@@ -189,7 +189,7 @@ def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
     offline, failing = names[1], names[2]
     client = fleetlib.docker_client()
     ctx = tmp_path_factory.mktemp("image")
-    (ctx / "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY release-note.txt /etc/vilms-release-note\n")
+    (ctx / "Dockerfile").write_text(f"FROM vilms/gateway:{PREFIX}\nCOPY release-note.txt /etc/vilms-release-note\n")
     (ctx / "release-note.txt").write_bytes(os.urandom(256 * 1024))  # incompressible: 256 KiB on the wire
     tag = f"{PREFIX}-update"
     client.images.build(path=str(ctx), tag=f"vilms/gateway:{tag}", rm=True)
@@ -243,7 +243,7 @@ def test_unreachable_box_is_reported(fleet, budget_run):
 def test_registry_update_moves_only_changed_layers(fleet, budget_run):
     """Each updated box pulled the new layer (256 KiB) and manifests, not the ~300 MB gateway image."""
     names = boxes(fleet)
-    full = fleetlib.docker_client().images.get("vilms/gateway:rig").attrs["Size"]
+    full = fleetlib.docker_client().images.get(f"vilms/gateway:{PREFIX}").attrs["Size"]
     for name in (names[0], names[3]):
         assert budget_run.host(name)["outcome"] == "updated"
         assert gateway_image(name) == budget_run.new_gateway != budget_run.old_gateway[name], name
