@@ -5,8 +5,9 @@ gives the batch timeline), whether it changed, each gate request's model/result/
 what the role's final message said, and unreachable hosts. Hosts of batches the rollout never reached are
 reported as untouched. The report's shape and the page live in `vilms.fleet_report`; this plugin only listens.
 
-A role may publish more per-host fields with facts named `vilms_fleet_<field>` (e.g. `vilms_fleet_release_before`,
-`vilms_fleet_release_after`): each lands in the host's record as `<field>`.
+What the vilms_stack role says about a host is read from its facts: `vilms_stack_previous` (the release that ran
+before) and `vilms_stack_result` ({result: deployed|rolled-back|down|failed, release, attempted, message}). Any other
+role may publish fields with facts named `vilms_fleet_<field>`: each lands in the host's record as `<field>`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ansible.plugins.callback import CallbackBase
 
@@ -52,7 +54,9 @@ options:
 GATE_PREFIXES = ("Gate |", "Smoke |", "Deploy | Health gate")
 ROLLBACK_PREFIX = "Rollback |"
 FLEET_FACT_PREFIX = "vilms_fleet_"
-DOWN_MARKERS = ("host down", "rollback failed", "serves nothing")
+DOWN_MARKERS = ("host down", "rollback failed")
+# vilms_stack_result.result -> outcome
+RESULTS = {"rolled-back": "rolled_back", "down": "down", "failed": "failed"}
 GROUPS = ("dgpu", "jetsons")
 FAILED = ("down", "failed", "rolled_back")
 
@@ -113,7 +117,7 @@ class CallbackModule(CallbackBase):
         rec = self._hosts.get(name)
         if rec is None:
             rec = self._hosts[name] = {
-                "group": None, "batch": None, "outcome": None, "changed": 0, "rolled_back": False,
+                "group": None, "batch": None, "outcome": None, "changed": 0, "rolled_back": False, "rollback_ran": False,
                 "release_before": None, "release_after": None, "gate": [], "rollback_gate": [],
                 "failed_task": None, "error": None, "last_task": None, "start_s": None, "end_s": None,
                 "duration_s": None}
@@ -184,13 +188,28 @@ class CallbackModule(CallbackBase):
         started = self._task_started.get(key)
         now = time.monotonic()
         self._task_started[key] = now  # the next loop item is timed from here
+        if "status" not in res and not failed:
+            return  # not a request (e.g. the gate's verdict), or skipped
+        rec = self._host(host)
+        seconds = round(now - started, 2) if started else None
+        body = res.get("json")
+        if isinstance(body, dict) and isinstance(body.get("models"), list):  # /health/ready: a state per model
+            rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(
+                {"task": name, "model": str(m.get("model")), "ok": bool(m.get("ready")), "status": m.get("state"),
+                 "seconds": seconds} for m in body["models"] if isinstance(m, dict))
+            return
         item = res.get("item") if isinstance(res.get("item"), dict) else res.get("_ansible_item_label", res.get("item"))
-        entry = {"task": name, "model": _model_of(item) or name.split("|", 1)[-1].strip(), "ok": not failed,
-                 "status": res.get("status"), "seconds": round(now - started, 2) if started else None}
+        status = res.get("status")
+        ok = not failed and isinstance(status, int) and 200 <= status < 300  # gate requests never fail by themselves
+        what = _model_of(item) or urlsplit(str(res.get("url") or "")).path or name.split("|", 1)[-1].strip()
+        entry = {"task": name, "model": what, "ok": ok,
+                 "status": status, "seconds": seconds}
+        if not ok and isinstance(res.get("json"), dict) and res["json"].get("error"):
+            error = res["json"]["error"]
+            entry["error"] = _first_line(error.get("message") if isinstance(error, dict) else error, 300)
         if failed:
             entry["error"] = _error_text(res)
-        rec = self._host(host)
-        rec["rollback_gate" if rec["rolled_back"] else "gate"].append(entry)
+        rec["rollback_gate" if rec["rollback_ran"] else "gate"].append(entry)
 
     def _record(self, result: Any, failed: bool = False) -> None:
         task, res = result._task, result._result
@@ -198,9 +217,15 @@ class CallbackModule(CallbackBase):
         if res.get("changed") and self._in_rollout:
             rec["changed"] += 1
         if _task_name(task).startswith(ROLLBACK_PREFIX) and not res.get("skipped"):
-            rec["rolled_back"] = True
+            rec["rollback_ran"] = True
         for key, value in (res.get("ansible_facts") or {}).items():
-            if key.startswith(FLEET_FACT_PREFIX):
+            if key == "vilms_stack_previous":
+                rec["release_before"] = value or None
+            elif key == "vilms_stack_result" and isinstance(value, dict):
+                rec["result"] = value
+                rec["release_after"] = value.get("release")
+                rec["release_attempted"] = value.get("attempted", value.get("release"))
+            elif key.startswith(FLEET_FACT_PREFIX):
                 rec[key[len(FLEET_FACT_PREFIX):]] = value
         if "results" not in res:  # loop results arrive item by item below
             self._gate_entry(result, failed)
@@ -233,10 +258,15 @@ class CallbackModule(CallbackBase):
         halted_batches = {b["index"] for b in (self._rollout or {}).get("batches", []) if b.get("stopped")}
         if stats.dark.get(name) or rec.get("unreachable"):
             return "unreachable"
+        result = (rec.get("result") or {}).get("result")
+        if result in RESULTS:
+            return RESULTS[result]
+        if result == "deployed":
+            return "unchanged" if rec["release_before"] == rec["release_after"] else "updated"
         if stats.failures.get(name):
             if any(m in (rec["error"] or "").lower() for m in DOWN_MARKERS):
                 return "down"
-            return "rolled_back" if rec["rolled_back"] else "failed"
+            return "rolled_back" if rec["rollback_ran"] else "failed"
         if self._rollout and name in self._rollout["hosts"]:
             if rec["batch"] is None:
                 return "untouched"
@@ -254,6 +284,7 @@ class CallbackModule(CallbackBase):
             self._host(name)
         for name, rec in self._hosts.items():
             rec["outcome"] = self._outcome(name, rec, stats)
+            rec["rolled_back"] = rec["outcome"] == "rolled_back"
             if rec["start_s"] is not None:
                 rec["duration_s"] = round(rec["end_s"] - rec["start_s"], 2)
         rollout = self._rollout

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "vilms-rig/debian:bookworm-2"
+# Edge boxes come flashed with Docker (JetPack images include it): the rig's base image plus Debian's docker.io,
+# so a fleet rollout spends its time on the stack, not on twenty identical apt downloads. The docker_engine role
+# still runs on every rollout (and finds the packages there).
+BOX_IMAGE = "vilms-rig/fleet-box:1"
+BOX_DOCKERFILE = f"""FROM {BASE_IMAGE}
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+      docker.io python3-requests >/dev/null && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+"""
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")  # Debian's docker-registry package
 REGISTRY_PORT = 5000
 # The boxes run the light gateway image: the local MiniLM embedder (1.3 GB image) is the molecule dgpu
 # scenario's job; twenty copies of it would not fit a laptop.
-FLEET_GATEWAY = {"dgpu": "rig", "jetsons": "rig"}
+RIG_GATEWAY = "vilms/gateway:rig"
 SCENARIOS = {"dgpu": "dgpu", "jetsons": "jetson"}
+VAULT_PASSWORD = ROOT / "molecule" / "resources" / "vault-password"
 
 
 @dataclass(frozen=True)
@@ -95,25 +105,48 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, text)
 
 
-def scenario_group_vars(scenario: str, env: dict[str, str]) -> dict[str, Any]:
-    """The group variables a molecule scenario gives its host (the one source for what a rig box is)."""
-    text = (ROOT / "molecule" / scenario / "molecule.yml").read_text()
-    data = yaml.safe_load(_expand(text, env))
-    return data["provisioner"]["inventory"]["group_vars"]["all"]
+class _VaultLoader(yaml.SafeLoader):
+    """Reads a variables file that holds `!vault` values (kept as None here; the file itself is copied)."""
+
+
+_VaultLoader.add_constructor("!vault", lambda loader, node: None)
+
+
+def scenario_group_vars(scenario: str, env: dict[str, str]) -> tuple[dict[str, Any], list[Path]]:
+    """The group variables a molecule scenario gives its host (the one source for what a rig box is).
+
+    Inline in molecule.yml (provisioner.inventory.group_vars.all), or a linked group_vars directory
+    (provisioner.inventory.links.group_vars): its plain files are merged here, files with vaulted values are
+    returned to be copied as they are (Ansible decrypts them with ANSIBLE_VAULT_PASSWORD_FILE).
+    """
+    scenario_dir = ROOT / "molecule" / scenario
+    inventory = yaml.safe_load(_expand((scenario_dir / "molecule.yml").read_text(), env))["provisioner"]["inventory"]
+    if "all" in (inventory.get("group_vars") or {}):
+        return inventory["group_vars"]["all"], []
+    merged: dict[str, Any] = {}
+    vaulted: list[Path] = []
+    all_dir = scenario_dir / inventory["links"]["group_vars"] / "all"
+    for path in sorted(all_dir.glob("*.yml")):
+        text = path.read_text()
+        if "!vault" in text:
+            vaulted.append(path)
+        else:
+            merged.update(yaml.load(text, Loader=_VaultLoader) or {})
+    return merged, vaulted
 
 
 def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, Any]:
     """A fleet group's variables: the scenario's, with the light gateway and (optionally) the site registry."""
     env = {"MOLECULE_PROJECT_DIRECTORY": str(ROOT), "VILMS_RIG_MINILM": str(fleet.state / "no-minilm"),
            "HOME": os.environ.get("HOME", "/root")}
-    gv = scenario_group_vars(SCENARIOS[group], env)
+    gv, _ = scenario_group_vars(SCENARIOS[group], env)
     gv["vilms_rig_cache"] = str(rig_cache())
     cfg = gv["vilms_config"]
-    cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = FLEET_GATEWAY[group]
+    cfg.setdefault("docker", {}).setdefault("tag", {})["gateway"] = fleet.prefix  # build_gateway()
     if group == "dgpu":
         cfg["embedding"] = {"enabled": False}
         gv["vilms_rig_expect"] = {**gv.get("vilms_rig_expect", {}), "embeddings": []}
-    gateway_image = f"vilms/gateway:{FLEET_GATEWAY[group]}"
+    gateway_image = f"vilms/gateway:{fleet.prefix}"
     engine_image = "vilms-rig/engines:standin" if group == "dgpu" else "vilms-rig/engines:r36.4.0"
     if registry:
         gv["vilms_stack_image_source"] = "registry"
@@ -124,7 +157,7 @@ def group_vars_for(fleet: Fleet, group: str, registry: str | None) -> dict[str, 
             images[key] = f"{registry}/{repo}"
     else:
         gv["vilms_stack_image_archives"] = [
-            {"image": gateway_image, "src": "{{ vilms_rig_cache }}/images/gateway.tar"},
+            {"image": gateway_image, "src": str(fleet.state / "gateway.tar")},
             {"image": engine_image, "src": "{{ vilms_rig_cache }}/images/engines.tar"}]
     return gv
 
@@ -152,20 +185,54 @@ def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | 
     (inv / "group_vars" / "all.yml").write_text(header + yaml.safe_dump(all_vars, sort_keys=False))
     for group in ("dgpu", "jetsons"):
         gv = group_vars_for(fleet, group, registry)
-        (inv / "group_vars" / f"{group}.yml").write_text(header + yaml.safe_dump(gv, sort_keys=False))
+        (inv / "group_vars" / group).mkdir(exist_ok=True)
+        (inv / "group_vars" / group / "main.yml").write_text(header + yaml.safe_dump(gv, sort_keys=False))
+        for vaulted in scenario_group_vars(SCENARIOS[group], {})[1]:
+            shutil.copy(vaulted, inv / "group_vars" / group / vaulted.name)
     for name, _ in hosts:
         path = inv / "host_vars" / f"{name}.yml"
         if not path.exists():
             path.write_text(f"---\n# Per-box overrides for {name} (e.g. vilms_config_host).\n{{}}\n")
 
 
+def inject_gate_failure(f: Fleet, host: str) -> str:
+    """host_vars that pass the schema and fail only the gate; returns the model the gate will find broken.
+
+    One more model, on an OpenAI-compatible engine that is not running: /health/ready never lists it ready and its
+    chat request fails, whichever gateway version the box runs.
+    """
+    group = "dgpu" if "-dgpu-" in host else "jetsons"
+    group_vars = yaml.safe_load((f.inventory / "group_vars" / group / "main.yml").read_text())
+    broken = "ghost-model"
+    models = [*group_vars["vilms_config"]["serving"]["models"],
+              {"name": broken, "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
+               "params": {"max-tokens": 4}}]
+    data = {"vilms_stack_gate_timeout": 15, "vilms_config_host": {"serving": {"models": models}}}
+    (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return broken
+
+
 def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=300)
 
 
-def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]]) -> None:
-    client = docker_client()
+def box_image(client: docker.DockerClient, bare: bool) -> str:
+    """The image boxes start from: the rig's base image (bare) or that plus Docker (built once, cached)."""
     client.images.get(BASE_IMAGE)  # raises with a clear name when `devkit/rig/rig.sh images` has not run
+    if bare:
+        return BASE_IMAGE
+    try:
+        client.images.get(BOX_IMAGE)
+    except docker.errors.ImageNotFound:
+        print(f"fleet: building {BOX_IMAGE} (Docker preinstalled, once)")
+        import io
+        client.images.build(fileobj=io.BytesIO(BOX_DOCKERFILE.encode()), tag=BOX_IMAGE, rm=True)
+    return BOX_IMAGE
+
+
+def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]], bare: bool = False) -> None:
+    client = docker_client()
+    image = box_image(client, bare)
     if not client.networks.list(names=[fleet.network]):
         client.networks.create(fleet.network, driver="bridge", labels=fleet.label)
     for name, group in hosts:
@@ -175,9 +242,35 @@ def create_boxes(fleet: Fleet, hosts: list[tuple[str, str]]) -> None:
         except docker.errors.NotFound:
             pass
         client.containers.run(
-            BASE_IMAGE, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
+            image, ["bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], name=name, hostname=name,
             detach=True, privileged=True, cgroupns="private", volumes=["/var/lib/docker"],
             network=fleet.network, labels={**fleet.label, "vilms-fleet-group": group})
+
+
+def build_gateway(fleet: Fleet) -> str:
+    """The gateway the boxes run: this checkout's vilms package as one layer over the rig's gateway image.
+
+    The rig's image may come from an older checkout (its cache is shared); the fleet must run the code it deploys
+    with (schema, render and gateway agree). Building it is a copy, not a pip install: seconds.
+    """
+    client = docker_client()
+    site = client.containers.run(RIG_GATEWAY, ["-c", "import os, vilms; print(os.path.dirname(vilms.__file__))"],
+                                 entrypoint="python3", remove=True).decode().strip()
+    tag = f"vilms/gateway:{fleet.prefix}"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT / "gateway" / "vilms", Path(tmp) / "vilms",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (Path(tmp) / "vilms" / "_data").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "schemas" / "vilms-config.schema.json", Path(tmp) / "vilms" / "_data")
+        (Path(tmp) / "Dockerfile").write_text(f"FROM {RIG_GATEWAY}\nCOPY vilms {site}\n")
+        client.images.build(path=tmp, tag=tag, rm=True)
+    return tag
+
+
+def save_archive(image: str, path: Path) -> None:
+    with open(path, "wb") as out:
+        for chunk in docker_client().images.get(image).save(named=True):
+            out.write(chunk)
 
 
 def start_registry(fleet: Fleet) -> str:
@@ -240,12 +333,32 @@ def ansible_env(fleet: Fleet, report: bool, extra: dict[str, str] | None = None)
     env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
     env["ANSIBLE_ROLES_PATH"] = str(ROOT / "roles")
     env.setdefault("ANSIBLE_FORKS", "20")
+    if VAULT_PASSWORD.exists():  # the rig's test-only vault password (molecule's jetson scenario vaults its API key)
+        env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(VAULT_PASSWORD))
     if report:
         env["VILMS_FLEET_REPORT_DIR"] = str(fleet.reports)
     else:
         env["VILMS_FLEET_REPORT"] = "off"
+    if report and os.environ.get("VILMS_FLEET_ARA"):
+        env.update(ara_env(fleet))
     env.update(extra or {})
     return env
+
+
+def ara_env(fleet: Fleet) -> dict[str, str]:
+    """ARA records the raw run (every task and result) in a sqlite file of the fleet's own (VILMS_FLEET_ARA=1)."""
+    from ara.setup import callback_plugins as ara_callbacks
+
+    return {"ANSIBLE_CALLBACK_PLUGINS": f"{ROOT / 'callback_plugins'}:{ara_callbacks}",
+            "ARA_API_CLIENT": "offline", "ARA_BASE_DIR": str(fleet.state / "ara")}
+
+
+def ara_static_html(fleet: Fleet) -> Path:
+    """`ara-manage generate`: ARA's own UI as static HTML, next to the fleet report."""
+    out = fleet.reports / "ara"
+    subprocess.run([str(Path(sys.executable).with_name("ara-manage")), "generate", str(out)], check=True,
+                   env={**os.environ, **ara_env(fleet)}, stdout=subprocess.DEVNULL)
+    return out
 
 
 def run_playbook(fleet: Fleet, playbook: Path, args: list[str], report: bool = True,
@@ -260,7 +373,10 @@ def run_playbook(fleet: Fleet, playbook: Path, args: list[str], report: bool = T
 
 def rollout(fleet: Fleet, args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> int:
     """The real site.yml against the fleet's inventory; the fleet report lands in fleet.reports."""
-    return run_playbook(fleet, ROOT / "site.yml", args, report=True, env=env, log=log)
+    rc = run_playbook(fleet, ROOT / "site.yml", args, report=True, env=env, log=log)
+    if os.environ.get("VILMS_FLEET_ARA"):
+        print(f"fleet: ARA's record as static HTML: {ara_static_html(fleet)}/index.html")
+    return rc
 
 
 def net_rx_bytes(names: list[str]) -> dict[str, int]:
@@ -279,18 +395,21 @@ def boxes(fleet: Fleet) -> list[str]:
     return [h for g in ("dgpu", "jetsons") for h in (inv[g]["hosts"] or {})]
 
 
-def up(fleet: Fleet, n: int, registry: bool) -> None:
+def up(fleet: Fleet, n: int, registry: bool, bare: bool = False) -> None:
     hosts = fleet.host_names(n)
     if fleet.state.exists() and (fleet.inventory / "hosts.yml").exists():
         old = set(boxes(fleet))
         if old != {h for h, _ in hosts}:
             raise SystemExit(f"fleet: '{fleet.prefix}' exists with other boxes; `make fleet-down` first")
-    create_boxes(fleet, hosts)
+    create_boxes(fleet, hosts, bare)
+    gateway = build_gateway(fleet)
     reg = None
     if registry:
         reg = start_registry(fleet)
-        for image in ("vilms/gateway:rig", "vilms-rig/engines:standin", "vilms-rig/engines:r36.4.0"):
+        for image in (gateway, "vilms-rig/engines:standin", "vilms-rig/engines:r36.4.0"):
             push(fleet, image)
+    else:
+        save_archive(gateway, fleet.state / "gateway.tar")
     write_inventory(fleet, hosts, reg)
     rc = prepare(fleet)
     if rc:
@@ -304,6 +423,10 @@ def down(fleet: Fleet) -> None:
         c.remove(force=True, v=True)
     for net in client.networks.list(names=[fleet.network]):
         net.remove()
+    for image in client.images.list(name="vilms/gateway"):
+        for tag in image.tags:
+            if tag.startswith(f"vilms/gateway:{fleet.prefix}"):  # build_gateway()'s and later updates
+                client.images.remove(tag, noprune=False)
     if (fleet.state / "registry").exists():
         # the registry wrote as root inside its box; the data is ours to drop
         shutil.rmtree(fleet.state / "registry", ignore_errors=True)
@@ -318,11 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=os.environ.get("VILMS_FLEET_PREFIX", "vilms-fleet"))
     parser.add_argument("--n", type=int, default=int(os.environ.get("N", "20")))
     parser.add_argument("--registry", action="store_true", help="serve images from a site registry")
+    parser.add_argument("--bare", action="store_true", help="boxes without Docker (the first rollout installs it)")
     parser.add_argument("ansible_args", nargs="*", help="after --: passed to ansible-playbook")
     args = parser.parse_args(argv)
     fleet = Fleet(args.prefix)
     if args.command == "up":
-        up(fleet, args.n, args.registry)
+        up(fleet, args.n, args.registry, args.bare)
     elif args.command == "down":
         down(fleet)
     elif args.command == "inventory":

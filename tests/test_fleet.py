@@ -48,10 +48,13 @@ if SKIP:
 
 
 class FleetRun:
-    """One rollout's result: return code, parsed report, log text."""
+    """One rollout's result: return code, parsed report, log text (and what a test measured around it)."""
 
     def __init__(self, rc: int, report: dict[str, Any], log: str):
         self.rc, self.report, self.log = rc, report, log
+        self.rx: dict[str, int] = {}
+        self.new_gateway = ""
+        self.old_gateway: dict[str, str] = {}
 
     def host(self, name: str) -> dict[str, Any]:
         return self.report["hosts"][name]
@@ -60,6 +63,9 @@ class FleetRun:
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[fleetlib.Fleet]:
     f = fleetlib.Fleet(PREFIX)
+    if os.environ.get("VILMS_FLEET_REUSE") and (f.inventory / "hosts.yml").exists():  # development only
+        yield f
+        return
     fleetlib.down(f)
     fleetlib.up(f, N, registry=True)
     # First rollout: every box at once (the canary behaviour is what the tests below look at).
@@ -98,11 +104,10 @@ def box_exec(name: str, argv: list[str]) -> str:
 
 
 def stack_fingerprint(name: str) -> str:
-    """What runs on a box: its stack files and the image IDs of its running containers."""
-    files = box_exec(name, ["sh", "-c", "cat /opt/vilms/config.yaml /opt/vilms/docker-compose.yaml"])
-    images = box_exec(name, ["docker", "ps", "--format", "{{.Names}} {{.Image}} {{.ID}}"])
+    """What runs on a box: the release `current` points at, its files, and each container's image ID."""
+    files = box_exec(name, ["sh", "-c", "readlink /opt/vilms/current; cat /opt/vilms/current/*.yaml"])
     ids = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Name}} {{.Image}}' $(docker ps -q) | sort"])
-    return hashlib.sha256((files + images + ids).encode()).hexdigest()
+    return hashlib.sha256((files + ids).encode()).hexdigest()
 
 
 def models_listed(name: str) -> set[str]:
@@ -113,11 +118,11 @@ def models_listed(name: str) -> set[str]:
 
 
 def group_vars(f: fleetlib.Fleet, group: str) -> dict[str, Any]:
-    return yaml.safe_load((f.inventory / "group_vars" / f"{group}.yml").read_text())
+    return yaml.safe_load((f.inventory / "group_vars" / group / "main.yml").read_text())
 
 
 def set_group_vars(f: fleetlib.Fleet, group: str, data: dict[str, Any]) -> None:
-    (f.inventory / "group_vars" / f"{group}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (f.inventory / "group_vars" / group / "main.yml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
@@ -127,16 +132,6 @@ def set_max_tokens(f: fleetlib.Fleet, value: int) -> None:
         for model in gv["vilms_config"]["serving"]["models"]:
             model.setdefault("params", {})["max-tokens"] = value
         set_group_vars(f, group, gv)
-
-
-def inject_gate_failure(f: fleetlib.Fleet, host: str) -> None:
-    """host_vars: the box's models plus one whose engine serves nothing (schema-valid; only the gate sees it)."""
-    group = "dgpu" if "-dgpu-" in host else "jetsons"
-    models = group_vars(f, group)["vilms_config"]["serving"]["models"]
-    ghost = {"name": "ghost-model", "engine": "openai", "base-url": "http://127.0.0.1:9/v1", "aliases": ["GHOST"],
-             "params": {"max-tokens": 4}}
-    data = {"vilms_config_host": {"serving": {"models": [*models, ghost]}}}
-    (f.inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def clear_host_vars(f: fleetlib.Fleet, host: str) -> None:
@@ -155,7 +150,7 @@ def test_canary_failure_rolls_back_and_halts(fleet):
     names = boxes(fleet)
     canary, later = names[0], names[1:]
     set_max_tokens(fleet, 12)  # a new release for every box
-    inject_gate_failure(fleet, canary)
+    broken = fleetlib.inject_gate_failure(fleet, canary)
     before = {n: stack_fingerprint(n) for n in names}
     try:
         run = rollout(fleet, "canary")
@@ -168,15 +163,17 @@ def test_canary_failure_rolls_back_and_halts(fleet):
     assert [b["hosts"] for b in rollout_info["batches"]] == [[canary]]
     c = run.host(canary)
     assert c["batch"] == 1 and c["outcome"] == "rolled_back" and c["rolled_back"], c
-    assert any(not g["ok"] and "GHOST" in g["model"] for g in c["gate"]), c["gate"]
-    assert c["error"], c
+    assert any(not g["ok"] and g["model"] == broken for g in c["gate"]), c["gate"]
+    assert all(g["ok"] for g in c["rollback_gate"]) and c["rollback_gate"], c["rollback_gate"]
+    assert c["release_before"] and c["release_after"] == c["release_before"] != c["release_attempted"], c
+    assert "rolled back to release " + c["release_before"] + ", healthy" in c["error"], c["error"]
     for name in later:
         h = run.host(name)
         assert h["outcome"] == "untouched" and h["batch"] is None, (name, h)
     # The canary runs what it ran before, and serves; later boxes were not touched at all.
     after = {n: stack_fingerprint(n) for n in names}
     assert after == before
-    assert "GHOST" not in models_listed(canary) and "LLM" in models_listed(canary)
+    assert {"LLM", "LLM_SMALL"} <= models_listed(canary) and "GHOST" not in models_listed(canary)
     summary = run.report["summary"]
     assert summary["counts"] == {"rolled_back": 1, "untouched": N - 1}
     html = (fleet.reports / "latest.html").read_text()
@@ -184,20 +181,43 @@ def test_canary_failure_rolls_back_and_halts(fleet):
 
 
 @pytest.fixture(scope="module")
-def budget_run(fleet) -> Iterator[FleetRun]:
-    """Batch 3 holds both Jetsons; one fails its gate, the budget (50%) allows it; dgpu-02 is switched off."""
+def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
+    """One update rollout for three claims: a config change plus a new gateway image (the old one and one small
+    layer) through the site registry; jetson-01 (batch 3, with jetson-02) fails its gate and the budget (50 %)
+    allows it; dgpu-02 is switched off."""
     names = boxes(fleet)
     offline, failing = names[1], names[2]
-    set_max_tokens(fleet, 10)
-    inject_gate_failure(fleet, failing)
     client = fleetlib.docker_client()
+    ctx = tmp_path_factory.mktemp("image")
+    (ctx / "Dockerfile").write_text(f"FROM vilms/gateway:{PREFIX}\nCOPY release-note.txt /etc/vilms-release-note\n")
+    (ctx / "release-note.txt").write_bytes(os.urandom(256 * 1024))  # incompressible: 256 KiB on the wire
+    tag = f"{PREFIX}-update"
+    client.images.build(path=str(ctx), tag=f"vilms/gateway:{tag}", rm=True)
+    fleetlib.push(fleet, f"vilms/gateway:{tag}")
+    for group in ("dgpu", "jetsons"):
+        gv = group_vars(fleet, group)
+        gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
+        set_group_vars(fleet, group, gv)
+    set_max_tokens(fleet, 10)
+    fleetlib.inject_gate_failure(fleet, failing)
+    old_gateway = {n: gateway_image(n) for n in names}
     client.containers.get(offline).stop(timeout=1)
+    online = [n for n in names if n != offline]
+    rx_before = fleetlib.net_rx_bytes(online)
     try:
         run = rollout(fleet, "budget", budget=50)
+        rx_after = fleetlib.net_rx_bytes(online)
     finally:
         clear_host_vars(fleet, failing)
         client.containers.get(offline).start()
+    run.rx = {n: rx_after[n] - rx_before[n] for n in online}
+    run.new_gateway = client.images.get(f"vilms/gateway:{tag}").id
+    run.old_gateway = old_gateway
     yield run
+
+
+def gateway_image(name: str) -> str:
+    return box_exec(name, ["sh", "-c", "docker inspect -f '{{.Image}}' $(docker ps -q --filter name=gateway)"]).strip()
 
 
 def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
@@ -206,7 +226,7 @@ def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
     assert run.rc != 0  # a host failed, and the run says so
     assert not run.report["rollout"]["halted"], run.report["rollout"]
     failing, sibling = names[2], names[3]
-    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3
+    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3, run.host(failing)
     assert run.host(sibling)["outcome"] == "updated" and run.host(sibling)["batch"] == 3
     assert run.host(names[0])["outcome"] == "updated"
     assert "GHOST" not in models_listed(failing)
@@ -220,27 +240,13 @@ def test_unreachable_box_is_reported(fleet, budget_run):
     assert budget_run.report["summary"]["counts"].get("unreachable") == 1
 
 
-def test_registry_update_moves_only_changed_layers(fleet, tmp_path):
-    """A new gateway image = the old one plus one small layer; each box pulls that layer, not the image."""
-    client = fleetlib.docker_client()
-    tag = f"{PREFIX}-update"
-    (tmp_path / "Dockerfile").write_text("FROM vilms/gateway:rig\nCOPY release-note.txt /etc/vilms-release-note\n")
-    (tmp_path / "release-note.txt").write_bytes(os.urandom(256 * 1024))
-    client.images.build(path=str(tmp_path), tag=f"vilms/gateway:{tag}", rm=True)
-    fleetlib.push(fleet, f"vilms/gateway:{tag}")
-    full = client.images.get("vilms/gateway:rig").attrs["Size"]
+def test_registry_update_moves_only_changed_layers(fleet, budget_run):
+    """Each updated box pulled the new layer (256 KiB) and manifests, not the ~300 MB gateway image."""
     names = boxes(fleet)
-    for group in ("dgpu", "jetsons"):
-        gv = group_vars(fleet, group)
-        gv["vilms_config"]["docker"]["tag"]["gateway"] = tag
-        set_group_vars(fleet, group, gv)
-    rx_before = fleetlib.net_rx_bytes(names)
-    run = rollout(fleet, "registry-update", batches=["100%"])
-    rx = {n: b - rx_before[n] for n, b in fleetlib.net_rx_bytes(names).items()}
-    assert run.rc == 0, run.log[-6000:]
-    new_id = client.images.get(f"vilms/gateway:{tag}").id
-    for name in names:
-        running = box_exec(name, ["sh", "-c", "docker inspect -f '{{.Image}}' $(docker ps -q --filter name=gateway)"])
-        assert running.strip() == new_id, name
-        # the changed layer (256 KiB, compressed: incompressible bytes) and manifests, not the ~300 MB image
-        assert 256 * 1024 < rx[name] < 8 * 1024 * 1024, (name, rx[name], full)
+    full = fleetlib.docker_client().images.get(f"vilms/gateway:{PREFIX}").attrs["Size"]
+    for name in (names[0], names[3]):
+        assert budget_run.host(name)["outcome"] == "updated"
+        assert gateway_image(name) == budget_run.new_gateway != budget_run.old_gateway[name], name
+        assert 256 * 1024 < budget_run.rx[name] < 8 * 1024 * 1024, (name, budget_run.rx[name], full)
+    # the box that failed its gate runs its previous release's image again
+    assert gateway_image(names[2]) == budget_run.old_gateway[names[2]]
