@@ -278,8 +278,8 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
         self._close_batch()
-        if str(self.get_option("mode")).lower() == "off":
-            return
+        if str(self.get_option("mode")).lower() == "off" or not (self._rollout or self._expects_rollout):
+            return  # a playbook that rolled nothing out (a lint run, a probe playbook) gets no report
         for name in list(stats.processed) + list(self._hosts):
             self._host(name)
         for name, rec in self._hosts.items():
@@ -315,4 +315,5 @@ class CallbackModule(CallbackBase):
             self._display.warning(f"vilms_fleet_report: vilms not importable by {sys.executable}; wrote JSON only")
             return
         json_path, html_path = fleet_report.write(report, out_dir, stem)
-        self._display.display(f"Fleet report: {html_path} ({json_path.name})")
+        # stderr: stdout belongs to the stdout callback (a JSON callback's output must stay parseable)
+        self._display.display(f"Fleet report: {html_path} ({json_path.name})", stderr=True)
