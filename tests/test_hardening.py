@@ -86,18 +86,22 @@ def backend():
 def attack_while_probing(url: str, body: bytes) -> tuple[httpx.Response, float, float]:
     """Send `body` while a second client polls /health_check on its own connection: (response, seconds, worst lag)."""
     lags: list[float] = []
-    stop = threading.Event()
+    ready, stop = threading.Event(), threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
-            client.get("/health_check")
-            while not stop.is_set():
+            client.get("/health_check")  # connection open before the attack starts
+            ready.set()
+            while True:  # at least one timed probe, however quickly the attack is answered
                 started = time.perf_counter()
                 assert client.get("/health_check").status_code == 200
                 lags.append(time.perf_counter() - started)
+                if stop.is_set():
+                    return
 
     prober = threading.Thread(target=probe)
     prober.start()
+    assert ready.wait(30)
     try:
         started = time.perf_counter()
         response = httpx.post(url + "/v1/chat/completions", content=body, headers=JSON_HEADERS, timeout=5)
