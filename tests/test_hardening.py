@@ -86,18 +86,22 @@ def backend():
 def attack_while_probing(url: str, body: bytes) -> tuple[httpx.Response, float, float]:
     """Send `body` while a second client polls /health_check on its own connection: (response, seconds, worst lag)."""
     lags: list[float] = []
-    stop = threading.Event()
+    ready, stop = threading.Event(), threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=url, timeout=10) as client:
-            client.get("/health_check")
-            while not stop.is_set():
+            client.get("/health_check")  # connection open before the attack starts
+            ready.set()
+            while True:  # at least one timed probe, however quickly the attack is answered
                 started = time.perf_counter()
                 assert client.get("/health_check").status_code == 200
                 lags.append(time.perf_counter() - started)
+                if stop.is_set():
+                    return
 
     prober = threading.Thread(target=probe)
     prober.start()
+    assert ready.wait(30)
     try:
         started = time.perf_counter()
         response = httpx.post(url + "/v1/chat/completions", content=body, headers=JSON_HEADERS, timeout=5)
@@ -112,8 +116,9 @@ def test_80000_empty_image_parts_refused_fast_and_health_check_never_stalls(back
     """The quadratic media scan: a 1.7 MB body of empty image_url parts stalled the loop for 26 s.
 
     The gateway runs in its own process. On a shared machine other jobs add scheduling delay to any one
-    measurement, never remove it, while a stall caused by the request would show every time: so the attack
-    is repeated (at most 3 times) and the best run must show no health check delayed over 50 ms.
+    measurement, never remove it, while a stall caused by the request would show every time: so each attack
+    is preceded by the same measurement around a harmless request (the machine's own noise right then),
+    repeated at most 3 times, and in the best run the attack may add at most 50 ms to the worst health check.
     """
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(openai_config(backend.url)))
@@ -122,16 +127,18 @@ def test_80000_empty_image_parts_refused_fast_and_health_check_never_stalls(back
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "gateway"), str(ROOT)])}
     body = orjson.dumps({"model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": ""}}] * 80_000)]})
     assert len(body) > 1_500_000
-    worst_lags = []
+    harmless = orjson.dumps({"model": "LLM", "messages": [user([{"type": "image_url", "image_url": {"url": ""}}])]})
+    added = []
     with subprocess_server(args, "/health_check", port, env=env) as url:
         for _ in range(3):
+            _, _, noise = attack_while_probing(url, harmless)
             response, elapsed, lag = attack_while_probing(url, body)
             assert 400 <= response.status_code < 500, response.text
             assert elapsed < 1.0, elapsed
-            worst_lags.append(lag)
-            if lag < 0.05:
+            added.append(lag - noise)
+            if added[-1] < 0.05:
                 break
-    assert min(worst_lags) < 0.05, f"health_check delayed {[round(x * 1000) for x in worst_lags]} ms"
+    assert min(added) < 0.05, f"the attack delayed health_check by {[round(x * 1000) for x in added]} ms"
     assert backend.backend.stats["requests"] == 0
 
 
