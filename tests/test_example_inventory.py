@@ -147,7 +147,7 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
                              check=True, capture_output=True, text=True).stdout
     assert {f["path"] for f in json.loads(shipped)["files"]} == {"config.json", "model.safetensors",
                                                                  "tokenizer_config.json"}
-    compose = yaml.safe_load(subprocess.run(["docker", "exec", HOST, "cat", "/opt/vilms/docker-compose.yaml"],
+    compose = yaml.safe_load(subprocess.run(["docker", "exec", HOST, "cat", "/opt/vilms/current/docker-compose.yaml"],
                                             check=True, capture_output=True, text=True).stdout)
     assert compose["services"]["gateway"]["image"].endswith("-emb")
 
