@@ -255,7 +255,7 @@ class CallbackModule(CallbackBase):
 
     # ---- the end -------------------------------------------------------------------------------------------
     def _outcome(self, name: str, rec: dict[str, Any], stats: Any) -> str:
-        halted_batches = {b["index"] for b in (self._rollout or {}).get("batches", []) if b.get("stopped")}
+        """A host's outcome from what it reported itself; `halted` is decided afterwards, per batch."""
         if stats.dark.get(name) or rec.get("unreachable"):
             return "unreachable"
         result = (rec.get("result") or {}).get("result")
@@ -267,14 +267,31 @@ class CallbackModule(CallbackBase):
             if any(m in (rec["error"] or "").lower() for m in DOWN_MARKERS):
                 return "down"
             return "rolled_back" if rec["rollback_ran"] else "failed"
-        if self._rollout and name in self._rollout["hosts"]:
-            if rec["batch"] is None:
-                return "untouched"
-            if rec["batch"] in halted_batches:
-                return "halted"
+        if self._rollout and name in self._rollout["hosts"] and rec["batch"] is None:
+            return "untouched"
         if self._rollout is None and (self._expects_rollout or not stats.processed.get(name)):
             return "untouched"
         return "updated" if rec["changed"] else "unchanged"
+
+    def _judge_rollout(self, rollout: dict[str, Any]) -> None:
+        """Did the rollout halt, and in which batch? Ansible says "no hosts remaining" when a budget is spent
+        mid-batch, but a batch whose every host failed ends quietly: hosts that never got a batch show it too."""
+        untouched = [h for h in rollout["hosts"] if self._hosts[h]["batch"] is None]
+        last = rollout["batches"][-1]
+        failed = [h for h in last["hosts"] if self._hosts[h]["outcome"] in FAILED]
+        if untouched or (last.get("stopped") and failed):
+            rollout["halted"] = True
+            rollout["halted_in_batch"] = last["index"]
+            rollout["halt_reason"] = (f"{', '.join(failed) or 'the batch'} failed; failure budget "
+                                      f"{rollout['max_fail_percentage']:g}% per batch; {len(untouched)} host(s) untouched")
+            for h in last["hosts"]:  # stopped where they were, with no result of their own
+                rec = self._hosts[h]
+                if rec["outcome"] in ("updated", "unchanged") and not rec.get("result"):
+                    rec["outcome"] = "halted"
+        for batch in rollout["batches"]:
+            outcomes = {self._hosts[h]["outcome"] for h in batch["hosts"]}
+            batch["outcome"] = next((o for o in ("down", "failed", "rolled_back", "halted", "unreachable")
+                                     if o in outcomes), "updated")
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
         self._close_batch()
@@ -284,24 +301,13 @@ class CallbackModule(CallbackBase):
             self._host(name)
         for name, rec in self._hosts.items():
             rec["outcome"] = self._outcome(name, rec, stats)
-            rec["rolled_back"] = rec["outcome"] == "rolled_back"
             if rec["start_s"] is not None:
                 rec["duration_s"] = round(rec["end_s"] - rec["start_s"], 2)
         rollout = self._rollout
-        if rollout:
-            for batch in rollout["batches"]:
-                outcomes = {self._hosts[h]["outcome"] for h in batch["hosts"]}
-                batch["outcome"] = next((o for o in ("down", "failed", "rolled_back", "halted", "unreachable")
-                                         if o in outcomes), "updated")
-            stopped = [b for b in rollout["batches"] if b.get("stopped")]
-            untouched = [h for h in rollout["hosts"] if self._hosts[h]["batch"] is None]
-            if stopped:
-                rollout["halted"] = True
-                rollout["halted_in_batch"] = stopped[0]["index"]
-                failed = [h for h in stopped[0]["hosts"] if self._hosts[h]["outcome"] in FAILED]
-                rollout["halt_reason"] = (f"{', '.join(failed) or 'the batch'} failed; failure budget "
-                                          f"{rollout['max_fail_percentage']}% per batch; "
-                                          f"{len(untouched)} host(s) untouched")
+        if rollout and rollout["batches"]:
+            self._judge_rollout(rollout)
+        for rec in self._hosts.values():
+            rec["rolled_back"] = rec["outcome"] == "rolled_back"
         report = {"playbook": self._playbook, "started": self._started, "finished": _now_iso(),
                   "duration_s": self._t(), "rollout": rollout, "hosts": self._hosts}
         out_dir = Path(os.path.expanduser(str(self.get_option("report_dir"))))
