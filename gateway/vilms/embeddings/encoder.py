@@ -74,7 +74,8 @@ class SentenceEncoder:
             for start in range(0, n, self.chunk):
                 index = order[start:start + self.chunk]
                 features = self._features([texts[i] for i in index])
-                counts[index] = features["attention_mask"].sum(dim=1).numpy()
+                mask = features.get("attention_mask")
+                counts[index] = mask.sum(dim=1).numpy() if mask is not None else features["input_ids"].shape[1]
                 features = {k: (v.to(model.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                             for k, v in features.items()}
                 rows = model(features)["sentence_embedding"]
