@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -10,7 +13,35 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import ThreadedServer, llama_server  # noqa: E402
+from tests.support import ThreadedServer, llama_server, minilm_path  # noqa: E402
+
+RIG = ROOT / "devkit" / "rig" / "rig.sh"
+
+
+def rig_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "VILMS_RIG_MINILM": minilm_path()}
+
+
+@pytest.fixture(scope="session")
+def rig() -> Iterator[None]:
+    """The Docker-in-Docker rig, once per session: a Docker daemon (started here only if none answers, and then
+    stopped at the end), the debootstrap base image and the image archives every rig test ships to its hosts.
+
+    Every test that needs Docker depends on this instead of skipping when the daemon is not up yet, so a clean
+    machine runs them all (only a machine without root or dockerd skips them).
+    """
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        pytest.skip("the rig needs root and dockerd (make system)")
+    env = rig_env()
+    running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    subprocess.run(["bash", str(RIG), "daemon-up"], check=True, env=env, timeout=120)
+    try:
+        subprocess.run(["bash", str(RIG), "images"], check=True, env=env, timeout=2400)
+        yield
+    finally:
+        if not running:
+            subprocess.run(["bash", str(RIG), "daemon-down"], env=env, timeout=120)
 
 
 @pytest.fixture(scope="session")

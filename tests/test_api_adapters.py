@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -109,57 +110,57 @@ IMAGE = "vilms-rig/engines:standin"
 PROJECT = "h13-adapters"
 
 
+COMPOSE = f"""name: {PROJECT}
+services:
+  ollama:
+    image: {IMAGE}
+    network_mode: none
+    volumes:  # this checkout's stand-in and CLI (the image may be older than the tree)
+      - {ROOT}/devkit/ollama_standin.py:/opt/standin/devkit/ollama_standin.py:ro
+      - {ROOT}/devkit/rig/ollama-cli:/usr/local/bin/ollama:ro
+"""
+
+
+def compose(release, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "compose", "--project-directory", str(release), "-f",
+                           str(release / "docker-compose.yaml"), "-f", str(release / "docker-compose.pinned.yaml"),
+                           *args], capture_output=True, text=True, timeout=120, check=check)
+
+
 @pytest.fixture()
-def ollama_container():
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env()
-        client.images.get(IMAGE)
-    except Exception as exc:  # no daemon or no rig image: `bash devkit/rig/rig.sh images` builds it
-        pytest.skip(f"needs Docker and {IMAGE}: {exc}")
-    name = f"{PROJECT}-ollama-1"
-    for old in client.containers.list(all=True, filters={"name": name}):
-        old.remove(force=True)
-    container = client.containers.create(IMAGE, name=name, network_mode="none")
-    # this branch's stand-in and CLI, copied in (the daemon may not see this checkout's paths)
-    container.put_archive("/", _tar({"opt/standin/devkit/ollama_standin.py": ROOT / "devkit/ollama_standin.py",
-                                     "usr/local/bin/ollama": ROOT / "devkit/rig/ollama-cli"}))
-    container.start()
+def release(rig, tmp_path):
+    """A release directory whose compose project runs the Ollama stand-in as service "ollama" (a real compose up)."""
+    (tmp_path / "docker-compose.yaml").write_text(COMPOSE)
+    (tmp_path / "docker-compose.pinned.yaml").write_text("services:\n  ollama:\n    restart: \"no\"\n")
+    compose(tmp_path, "down", "-v", check=False)
+    compose(tmp_path, "up", "-d")
     try:
         for _ in range(120):
-            if container.exec_run(["ollama", "list"]).exit_code == 0:
+            if compose(tmp_path, "exec", "-T", "ollama", "ollama", "list", check=False).returncode == 0:
                 break
             time.sleep(0.5)
-        assert container.exec_run(["ollama", "pull", "llama3.2:1b"]).exit_code == 0
-        yield container
+        compose(tmp_path, "exec", "-T", "ollama", "ollama", "pull", "llama3.2:1b")
+        yield tmp_path
     finally:
-        container.remove(force=True)
-
-
-def _tar(files: dict) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, path in files.items():
-            info = tarfile.TarInfo(name)
-            data = path.read_bytes()
-            info.size, info.mode = len(data), 0o755
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+        compose(tmp_path, "down", "-v", check=False)
 
 
 def run_play(tmp_path, adapters: list[dict]) -> str:
+    """The role's task file as deploy.yml runs it: by compose service, from a release directory and plan."""
+    plan = {"ollama_adapters": [{**a, "service": "ollama"} for a in adapters]}
     play = tmp_path / "play.yml"
     play.write_text(textwrap.dedent(f"""\
         - hosts: localhost
           connection: local
           gather_facts: false
           vars:
-            vilms_stack_project: {PROJECT}
-            vilms_stack_ollama_adapters: {adapters!r}
+            vilms_stack_release_dir: {tmp_path}
+            vilms_stack_pull: {{service: ollama}}
+            vilms_stack_plan: {plan!r}
           tasks:
             - ansible.builtin.include_tasks: {ROOT}/roles/vilms_stack/tasks/ollama-adapters.yml
         """))
-    done = subprocess.run(["ansible-playbook", "-i", "localhost,", "-e", f"ansible_python_interpreter={sys.executable}",
+    done = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-e", f"ansible_python_interpreter={sys.executable}",
                            str(play)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     return re.search(r"changed=(\d+)", done.stdout).group(1)
@@ -167,9 +168,9 @@ def run_play(tmp_path, adapters: list[dict]) -> str:
 
 @pytest.mark.docker
 @pytest.mark.ansible
-def test_ollama_adapter_task_creates_once_then_reports_no_change(ollama_container, tmp_path):
+def test_ollama_adapter_task_creates_once_then_reports_no_change(release, tmp_path):
     adapters = [{"name": "coder-lora", "from": "llama3.2:1b", "adapter": "/adapters/coder.gguf"}]
     assert run_play(tmp_path, adapters) == "1"
-    listed = ollama_container.exec_run(["ollama", "list"]).output.decode()
+    listed = compose(release, "exec", "-T", "ollama", "ollama", "list").stdout
     assert "coder-lora:latest" in listed
     assert run_play(tmp_path, adapters) == "0"

@@ -21,9 +21,10 @@ from typing import Any
 
 import yaml
 
+from .adapters import ollama_adapters
 from .compose import (GATEWAY_KEYS_PATH, engine_services, gateway_service, render_compose, resolve_gpu_mode)
 from .config import LEGACY_KEYS, Config, ConfigError, build_config, read_yaml
-from .routing import GATEWAY_SERVICE, Router, semantic_issues
+from .routing import GATEWAY_SERVICE, Router, chat_engine, semantic_issues
 from .schema import ConfigIssue
 
 PLAN_VERSION = 1
@@ -127,6 +128,13 @@ def _weights(config: Config) -> list[dict[str, Any]]:
     return [w.as_dict() for w in weights_for(config)]
 
 
+def _ollama_adapters(config: Config, engines: list[Any]) -> list[dict[str, str]]:
+    """One derived Ollama model per LoRA adapter on an Ollama base, with the service that holds the base."""
+    service_of = {model: s.name for s in engines if s.kind == "ollama" for model in s.models}
+    return [{**entry, "service": service_of[entry["from"]]}
+            for entry in ollama_adapters(config, lambda spec: chat_engine(config, spec)) if entry["from"] in service_of]
+
+
 def build_plan(config: Config, mode: str, platform: str, digest: str, files: list[str]) -> dict[str, Any]:
     """plan.json (version 1): every fact the role acts on, so it re-derives nothing."""
     docker, router = config.docker, Router(config)
@@ -149,6 +157,7 @@ def build_plan(config: Config, mode: str, platform: str, digest: str, files: lis
         "services": services,
         "images": list(dict.fromkeys(s["image"] for s in services)),
         "ollama_pulls": [{"service": s.name, "models": s.models} for s in engines if s.kind == "ollama"],
+        "ollama_adapters": _ollama_adapters(config, engines),
         "gate": {"chat": chat, "embedding": embedding, "models": router.names()},
         "weights": _weights(config),
         "files": files,
