@@ -60,7 +60,7 @@ CASES = {
 
 
 @pytest.fixture
-def rig_hosts():
+def rig_hosts(rig):
     """One container per case, each with its stand-ins and a previous deployment's files; removed afterwards."""
     if shutil.which("docker") is None or docker("image", "inspect", IMAGE, check=False).returncode != 0:
         pytest.skip(f"needs a Docker engine and the rig's base image {IMAGE} (devkit/rig/rig.sh images)")

@@ -48,11 +48,11 @@ def base_image() -> str:
 
 
 @pytest.fixture(scope="module")
-def rig():
+def example_rig(rig):
     running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
     subprocess.run(["bash", str(RIG), "daemon-up"], check=True, env=env(), timeout=120)
     try:
-        if os.environ.get("VILMS_EXAMPLE_PREBUILT") != "1":
+        if os.environ.get("VILMS_EXAMPLE_PREBUILT") != "1" and os.environ.get("VILMS_RIG_READY") != "1":
             subprocess.run(["bash", str(RIG), "images"], check=True, env=env(), timeout=1800)
         subprocess.run(["bash", str(RIG), "base-image"], check=True, env=env(), timeout=600)
         yield
@@ -62,7 +62,7 @@ def rig():
 
 
 @pytest.fixture()
-def host(rig):
+def host(example_rig):
     subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
     subprocess.run(["docker", "run", "-d", "--name", HOST, "--hostname", HOST, "--privileged", "--cgroupns", "private",
                     "-v", "/var/lib/docker", base_image(), "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'],

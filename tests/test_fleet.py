@@ -42,9 +42,6 @@ def _docker_ready() -> str | None:
     return None
 
 
-SKIP = _docker_ready()
-if SKIP:
-    pytestmark.append(pytest.mark.skip(reason=SKIP))
 
 
 class FleetRun:
@@ -61,7 +58,9 @@ class FleetRun:
 
 
 @pytest.fixture(scope="module")
-def fleet() -> Iterator[fleetlib.Fleet]:
+def fleet(rig) -> Iterator[fleetlib.Fleet]:
+    missing = _docker_ready()  # after the session's rig fixture: on a machine that can run the rig, a failure
+    assert missing is None, missing
     f = fleetlib.Fleet(PREFIX)
     if os.environ.get("VILMS_FLEET_REUSE") and (f.inventory / "hosts.yml").exists():  # development only
         yield f

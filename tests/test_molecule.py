@@ -29,16 +29,6 @@ def env() -> dict[str, str]:
             "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "NO_COLOR": "1", "PY_COLORS": "0"}
 
 
-@pytest.fixture(scope="module")
-def rig():
-    subprocess.run(["bash", str(RIG), "daemon-up"], check=True, env=env(), timeout=120)
-    try:
-        subprocess.run(["bash", str(RIG), "images"], check=True, env=env(), timeout=1800)
-        yield
-    finally:
-        subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
-
-
 @pytest.mark.timeout(3600)  # cold: the rig builds its images inside the first test's fixture; dgpu runs the rollout cases
 @pytest.mark.parametrize("scenario", ["jetson", "dgpu"])
 def test_molecule_scenario(rig, scenario):

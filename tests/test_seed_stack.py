@@ -43,7 +43,7 @@ def have_image(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def images():
+def images(rig):
     """A Docker engine (the rig's, stopped afterwards only if started here), the stand-in, a gateway of this tree."""
     started = False
     if not docker_ok():
