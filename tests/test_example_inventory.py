@@ -153,8 +153,11 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
 
     import openai
 
-    client = openai.OpenAI(base_url=f"http://{container_ip(HOST)}:8989/v1", api_key="unused", max_retries=0,
-                           timeout=120)
+    key = yaml.safe_load((tmp_path / "site" / "group_vars" / "all" / "vault.yml").read_text())["vault_vilms_gateway_key"]
+    keyless = openai.OpenAI(base_url=f"http://{container_ip(HOST)}:8989/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):  # published on the LAN: the example's key is required
+        keyless.models.list()
+    client = openai.OpenAI(base_url=f"http://{container_ip(HOST)}:8989/v1", api_key=key, max_retries=0, timeout=120)
     answer = client.chat.completions.create(model="LLM", max_tokens=4, messages=[{"role": "user", "content": "1+1?"}])
     assert answer.choices[0].message.content is not None
     vectors = client.embeddings.create(model="Embedding", input=["xin chao", "hello"])
