@@ -40,7 +40,8 @@ def test_shipped_inventories_pass_preflight(inventory):
     assert "failed=0" in result.stdout and "unreachable=0" in result.stdout
 
 
-GOOD = {"host": {"platform": "dgpu"}, "serving": {"engine": "vllm", "models": [{"name": "m1", "aliases": ["LLM"]}]}}
+GOOD = {"host": {"platform": "dgpu"}, "serving": {"engine": "vllm", "models": [{"name": "m1", "aliases": ["LLM"]}]},
+        "gateway": {"allow-anonymous": True}}
 
 
 def write_inventory(tmp: Path, all_vars: dict, host_vars: dict[str, dict] | None = None,
@@ -68,6 +69,8 @@ BAD = {
     "alias-conflict": ({"vilms_config": {**GOOD, "model-aliases": {"LLM": "m2"},
                                          "serving": {"engine": "vllm", "models": [{"name": "m1", "aliases": ["LLM"]}, {"name": "m2"}]}}},
                        None, (), ["different targets"]),
+    "published-without-keys": ({"vilms_config": {k: v for k, v in GOOD.items() if k != "gateway"}}, None, (),
+                               ["gpu-a.invalid: invalid model config", "/gateway", "no API keys are configured"]),
     "jetson-platform": ({"vilms_config": GOOD}, None, ("jetson-x.invalid",),
                         ["jetson-x.invalid: /host/platform is 'dgpu'"]),
 }
