@@ -203,9 +203,9 @@ def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
         set_group_vars(fleet, group, gv)
     set_max_tokens(fleet, 10)
     fleetlib.inject_gate_failure(fleet, failing)
-    old_gateway = {n: gateway_image(n) for n in names}
-    client.containers.get(offline).stop(timeout=1)
     online = [n for n in names if n != offline]
+    old_gateway = {n: gateway_image(n) for n in online}
+    client.containers.get(offline).stop(timeout=1)
     rx_before = fleetlib.net_rx_bytes(online)
     try:
         run = rollout(fleet, "budget", batches=[1, "100%"], budget=50)
