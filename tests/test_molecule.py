@@ -39,14 +39,18 @@ def rig():
         subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
 
 
-@pytest.mark.timeout(2400)  # cold: the rig builds its images inside the first test's fixture
+@pytest.mark.timeout(3600)  # cold: the rig builds its images inside the first test's fixture; dgpu runs the rollout cases
 @pytest.mark.parametrize("scenario", ["jetson", "dgpu"])
 def test_molecule_scenario(rig, scenario):
     log = ROOT / ".cache" / f"molecule-{scenario}.log"
     with open(log, "w") as out:
         result = subprocess.run([str(BIN / "molecule"), "test", "-s", scenario], cwd=ROOT, env=env(), stdout=out,
-                                stderr=subprocess.STDOUT, timeout=1800)
+                                stderr=subprocess.STDOUT, timeout=2700)
     text = log.read_text()
     assert result.returncode == 0, f"molecule test -s {scenario} failed; last lines of {log}:\n{text[-6000:]}"
     assert "idempotence: Executed: Successful" in text.replace("➜ ", "")
     assert "gateway verified" in text
+    if scenario == "dgpu":  # the rollout cases ran (molecule/resources/verify_rollout.yml), not skipped
+        for step in ("The second run failed at the lock", "Back on the previous release, on the previous image IDs",
+                     "Reported as down, not as restored", "The engines run the new image"):
+            assert f"TASK [Verify | {step}" in text, step
