@@ -316,6 +316,7 @@ def push(fleet: Fleet, image: str, as_name: str | None = None) -> None:
             out = client.images.push(f"{local}/{repo}", tag=tag)
             if '"error"' in out:
                 raise RuntimeError(out)
+            client.images.remove(f"{local}/{repo}:{tag}")  # only the push's name; the image keeps its own
             return
         except (docker.errors.APIError, RuntimeError) as exc:
             last = exc
