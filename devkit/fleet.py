@@ -173,8 +173,9 @@ def write_inventory(fleet: Fleet, hosts: list[tuple[str, str]], registry: str | 
     header = f"# Simulated fleet '{fleet.prefix}' written by devkit/fleet.py; edit freely (host_vars/ is yours).\n"
     (inv / "hosts.yml").write_text(header + yaml.safe_dump({"all": {"children": groups}}, sort_keys=False))
     all_vars: dict[str, Any] = {
-        # Boxes are reached through the Docker API (as molecule reaches its hosts); root already, no sudo.
-        "ansible_connection": "community.docker.docker",
+        # Boxes are reached through the Docker API (molecule uses the docker CLI plugin; this one reports a stopped
+        # box as unreachable, not as a failed module, and forks no CLI per command); root already, no sudo.
+        "ansible_connection": "community.docker.docker_api",
         "ansible_python_interpreter": "/usr/bin/python3",
         "ansible_become": False,
     }
@@ -315,6 +316,7 @@ def push(fleet: Fleet, image: str, as_name: str | None = None) -> None:
             out = client.images.push(f"{local}/{repo}", tag=tag)
             if '"error"' in out:
                 raise RuntimeError(out)
+            client.images.remove(f"{local}/{repo}:{tag}")  # only the push's name; the image keeps its own
             return
         except (docker.errors.APIError, RuntimeError) as exc:
             last = exc

@@ -182,10 +182,13 @@ def test_canary_failure_rolls_back_and_halts(fleet):
 @pytest.fixture(scope="module")
 def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
     """One update rollout for three claims: a config change plus a new gateway image (the old one and one small
-    layer) through the site registry; jetson-01 (batch 3, with jetson-02) fails its gate and the budget (50 %)
-    allows it; dgpu-02 is switched off."""
+    layer) through the site registry, in batches [dgpu-01], [dgpu-02, jetson-01, jetson-02]; dgpu-02 fails its
+    gate and the budget (50 %) allows it; jetson-01 is switched off.
+
+    (The failing box is a dgpu one: a Jetson's rollback restarts its Ollama container, and the stand-in Ollama
+    keeps pulled models in memory only, so its rollback gate would find them missing.)"""
     names = boxes(fleet)
-    offline, failing = names[1], names[2]
+    failing, offline = names[1], names[2]
     client = fleetlib.docker_client()
     ctx = tmp_path_factory.mktemp("image")
     (ctx / "Dockerfile").write_text(f"FROM vilms/gateway:{PREFIX}\nCOPY release-note.txt /etc/vilms-release-note\n")
@@ -199,12 +202,12 @@ def budget_run(fleet, tmp_path_factory) -> Iterator[FleetRun]:
         set_group_vars(fleet, group, gv)
     set_max_tokens(fleet, 10)
     fleetlib.inject_gate_failure(fleet, failing)
-    old_gateway = {n: gateway_image(n) for n in names}
-    client.containers.get(offline).stop(timeout=1)
     online = [n for n in names if n != offline]
+    old_gateway = {n: gateway_image(n) for n in online}
+    client.containers.get(offline).stop(timeout=1)
     rx_before = fleetlib.net_rx_bytes(online)
     try:
-        run = rollout(fleet, "budget", budget=50)
+        run = rollout(fleet, "budget", batches=[1, "100%"], budget=50)
         rx_after = fleetlib.net_rx_bytes(online)
     finally:
         clear_host_vars(fleet, failing)
@@ -224,19 +227,18 @@ def test_budget_lets_a_later_batch_failure_pass(fleet, budget_run):
     run = budget_run
     assert run.rc != 0  # a host failed, and the run says so
     assert not run.report["rollout"]["halted"], run.report["rollout"]
-    failing, sibling = names[2], names[3]
-    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 3, run.host(failing)
-    assert run.host(sibling)["outcome"] == "updated" and run.host(sibling)["batch"] == 3
-    assert run.host(names[0])["outcome"] == "updated"
-    assert "GHOST" not in models_listed(failing)
+    failing, sibling = names[1], names[3]
+    assert run.host(failing)["outcome"] == "rolled_back" and run.host(failing)["batch"] == 2, run.host(failing)
+    assert run.host(sibling)["outcome"] == "updated" and run.host(sibling)["batch"] == 2
+    assert run.host(names[0])["outcome"] == "updated" and run.host(names[0])["batch"] == 1
+    assert "GHOST" not in models_listed(failing) and "LLM" in models_listed(failing)
 
 
 def test_unreachable_box_is_reported(fleet, budget_run):
-    offline = boxes(fleet)[1]
+    offline = boxes(fleet)[2]
     h = budget_run.host(offline)
-    assert h["outcome"] == "unreachable", h
-    assert h["error"]
-    assert budget_run.report["summary"]["counts"].get("unreachable") == 1
+    assert h["outcome"] == "unreachable" and h["error"], h
+    assert budget_run.report["summary"]["counts"] == {"updated": 2, "rolled_back": 1, "unreachable": 1}
 
 
 def test_registry_update_moves_only_changed_layers(fleet, budget_run):
@@ -248,4 +250,4 @@ def test_registry_update_moves_only_changed_layers(fleet, budget_run):
         assert gateway_image(name) == budget_run.new_gateway != budget_run.old_gateway[name], name
         assert 256 * 1024 < budget_run.rx[name] < 8 * 1024 * 1024, (name, budget_run.rx[name], full)
     # the box that failed its gate runs its previous release's image again
-    assert gateway_image(names[2]) == budget_run.old_gateway[names[2]]
+    assert gateway_image(names[1]) == budget_run.old_gateway[names[1]]
