@@ -114,10 +114,7 @@ COMPOSE = f"""name: {PROJECT}
 services:
   ollama:
     image: {IMAGE}
-    network_mode: none
-    volumes:  # this checkout's stand-in and CLI (the image may be older than the tree)
-      - {ROOT}/devkit/ollama_standin.py:/opt/standin/devkit/ollama_standin.py:ro
-      - {ROOT}/devkit/rig/ollama-cli:/usr/local/bin/ollama:ro
+    network_mode: none  # the rig's stand-in image, built from this tree by the session's rig fixture
 """
 
 

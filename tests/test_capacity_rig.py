@@ -45,13 +45,13 @@ STAND_INS = {
 CASES = {
     # An Orin Nano 8 GB (5.5 GiB after the OS) given a 7B VLM on top of a 3B LLM.
     "jetsons": ({"vilms_architecture": "aarch64", "vilms_capacity_device_model_file": "/etc/vilms-rig/device-tree-model",
-                 "vilms_config": {"host": {"platform": "js"}, "serving": {"engine": "ollama", "models": [
+                 "vilms_config": {"host": {"platform": "js"}, "gateway": {"allow-anonymous": True}, "serving": {"engine": "ollama", "models": [
                      {"name": "qwen2.5:3b", "aliases": ["LLM"], "params": {"num-ctx": 2048}},
                      {"name": "qwen2.5vl:7b", "type": "vlm", "aliases": ["VLM"]}]}}},
                 ["the models do not fit", "Jetson Orin Nano 8 GB", "qwen2.5vl:7b", "estimate 6.21 GiB", "budget 5.5 GiB",
                  "move qwen2.5vl:7b (6.2 GiB) to a host with >= 16 GB"]),
     # One 24 GB GPU (the stand-in nvidia-smi) given two vLLM services at the default 0.9.
-    "dgpu": ({"vilms_gpu": True, "vilms_config": {"host": {"platform": "dgpu"}, "serving": {"engine": "vllm", "models": [
+    "dgpu": ({"vilms_gpu": True, "vilms_config": {"host": {"platform": "dgpu"}, "gateway": {"allow-anonymous": True}, "serving": {"engine": "vllm", "models": [
                  {"name": "Qwen/Qwen2.5-7B-Instruct", "aliases": ["LLM"], "params": {"max-model-len": 8192}},
                  {"name": "Qwen/Qwen2.5-3B-Instruct", "params": {"max-model-len": 8192}}]}}},
              ["the models do not fit", "1 GPU(s), 24.0 GiB (nvidia-smi)", "Qwen/Qwen2.5-7B-Instruct",
