@@ -28,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.support import free_port, minilm_path, wait_http  # noqa: E402
+from tests.support import free_port, wait_http  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LITELLM_VENV = ROOT / ".cache" / "litellm-venv"

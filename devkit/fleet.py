@@ -18,7 +18,6 @@ archives, so an update moves only the layers that changed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil

@@ -3,9 +3,7 @@ and the role's Ollama derived-model task (idempotent against the rig's Ollama st
 
 from __future__ import annotations
 
-import io
 import re
-import tarfile
 import subprocess
 import sys
 import textwrap

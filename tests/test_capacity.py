@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from vilms import capacity_data as data
-from vilms.capacity import GIB, vllm_estimate, weights_from_params
+from vilms.capacity import vllm_estimate, weights_from_params
 from vilms.capacity_plan import Facts, host_memory, plan_host
 from vilms.config import build_config
 
