@@ -12,11 +12,12 @@ import asyncio
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .embeddings.batcher import Batcher
 from .errors import BadRequest, GatewayError
 
 log = logging.getLogger("vilms.rerank")
@@ -57,12 +58,6 @@ def rerank_body(model: str, request: RerankRequest, texts: list[str], scores: li
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-@dataclass
-class _Job:
-    pairs: list[tuple[str, str]]
-    future: asyncio.Future = field(repr=False)
-
-
 class LocalReranker:
     """One CrossEncoder in the gateway process; `score` is safe to call from many requests at once."""
 
@@ -73,13 +68,13 @@ class LocalReranker:
         self.device = device
         self.trust_remote_code = trust_remote_code
         self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
         self.model: Any = None
         self.predict_calls = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rerank-{name[:16]}")
         self._load_lock = asyncio.Lock()
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._consumer: asyncio.Task | None = None
+        # the embedders' batcher: concurrent callers' (query, document) pairs become one predict on the worker thread
+        self._batcher = Batcher(name, self._predict_blocking, self._executor, max_batch=max_batch,
+                                max_wait_ms=max_wait_ms)
 
     def _load_blocking(self) -> None:
         from sentence_transformers import CrossEncoder
@@ -96,63 +91,20 @@ class LocalReranker:
                     raise GatewayError(f"reranker {self.name!r} could not be loaded: {type(exc).__name__}: {exc}",
                                        status=503, type="upstream_unavailable", code="reranker_unavailable") from exc
 
-    def _predict_blocking(self, pairs: list[tuple[str, str]]) -> tuple[list[float], list[int]]:
+    def _predict_blocking(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
         self.predict_calls += 1
         features = self.model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True,
                                         max_length=self.model.max_seq_length)
         scores = self.model.predict(pairs, batch_size=self.max_batch, convert_to_numpy=True, show_progress_bar=False)
-        return [float(s) for s in scores], [len(ids) for ids in features["input_ids"]]
+        return np.asarray(scores, dtype=np.float32), np.asarray([len(ids) for ids in features["input_ids"]])
 
     async def score(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         """One relevance score per document (in order) and the number of tokens the model read."""
         if self.model is None:
             await self.load()
-        loop = asyncio.get_running_loop()
-        if self._consumer is None or self._consumer.done():
-            self._consumer = asyncio.create_task(self._consume(), name=f"rerank-batcher-{self.name}")
-        job = _Job([(query, d) for d in documents], loop.create_future())
-        self._queue.put_nowait(job)
-        return await job.future
-
-    async def _gather(self) -> list[_Job]:
-        """The first waiting job plus any that arrive within max_wait, up to max_batch pairs."""
-        loop = asyncio.get_running_loop()
-        jobs = [await self._queue.get()]
-        size, deadline = len(jobs[0].pairs), loop.time() + self.max_wait
-        while size < self.max_batch:
-            try:
-                job = self._queue.get_nowait() if not self._queue.empty() else \
-                    await asyncio.wait_for(self._queue.get(), max(deadline - loop.time(), 0))
-            except TimeoutError:
-                break
-            jobs.append(job)
-            size += len(job.pairs)
-        return [j for j in jobs if not j.future.cancelled()]
-
-    async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._gather()
-            if not jobs:
-                continue
-            pairs = [p for j in jobs for p in j.pairs]
-            try:
-                scores, counts = await loop.run_in_executor(self._executor, self._predict_blocking, pairs)
-            except Exception as exc:  # one bad batch fails its callers, never the batcher
-                error = GatewayError(f"local rerank failed: {type(exc).__name__}: {exc}", status=500,
-                                     type="server_error")
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(error)
-                continue
-            start = 0
-            for j in jobs:
-                end = start + len(j.pairs)
-                if not j.future.done():
-                    j.future.set_result((scores[start:end], sum(counts[start:end])))
-                start = end
+        scores, counts = await self._batcher.submit([(query, d) for d in documents])
+        return [float(x) for x in scores], int(counts.sum())
 
     async def aclose(self) -> None:
-        if self._consumer:
-            self._consumer.cancel()
+        self._batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,8 @@ import numpy as np
 from ..errors import GatewayError
 from ..observe import EMBED_BATCH
 
-EncodeFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+# Texts for embedders, (query, document) pairs for rerankers: rows and per-item token counts, in input order.
+EncodeFn = Callable[[list], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Batcher:
             try:
                 vectors, counts = await loop.run_in_executor(self.executor, self.encode, texts)
             except Exception as exc:  # one bad batch fails its callers, never the batcher
-                error = GatewayError(f"local embedding failed: {type(exc).__name__}: {exc}", status=500,
+                error = GatewayError(f"local model {self.name!r} failed: {type(exc).__name__}: {exc}", status=500,
                                      type="server_error")
                 for j in jobs:
                     if not j.future.done():
