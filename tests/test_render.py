@@ -131,6 +131,7 @@ def test_plan_json_shape(tmp_path):
              "models": ["all-MiniLM-L6-v2"], "host_port": 8989}],
         "images": ["vllm/vllm-openai:v0.9.2", "ollama/ollama:0.6.8", "vilms/gateway:latest-emb"],
         "ollama_pulls": [{"service": "ollama", "models": ["qwen2.5vl:3b"]}],
+        "ollama_adapters": [],
         "gate": {"chat": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b"], "embedding": ["all-MiniLM-L6-v2"],
                  "models": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b", "all-MiniLM-L6-v2", "LLM", "VLM"]},
         "weights": plan["weights"],
