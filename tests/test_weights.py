@@ -27,7 +27,8 @@ def vllm_config(**weights_block) -> dict:
     model = {"name": REPO, "aliases": ["LLM"]}
     if weights_block:
         model["weights"] = weights_block
-    return {"host": {"platform": "dgpu"}, "serving": {"engine": "vllm", "models": [model]}}
+    return {"host": {"platform": "dgpu"}, "gateway": {"allow-anonymous": True},
+            "serving": {"engine": "vllm", "models": [model]}}
 
 
 @pytest.fixture()
