@@ -32,12 +32,13 @@ from typing import Any
 import docker
 import yaml
 
+from devkit.rig_image import BASE_IMAGE
+
 ROOT = Path(__file__).resolve().parents[1]
-BASE_IMAGE = "vilms-rig/debian:bookworm-2"
 # Edge boxes come flashed with Docker (JetPack images include it): the rig's base image plus Debian's docker.io,
 # so a fleet rollout spends its time on the stack, not on twenty identical apt downloads. The docker_engine role
 # still runs on every rollout (and finds the packages there).
-BOX_IMAGE = "vilms-rig/fleet-box:1"
+BOX_IMAGE = "vilms-rig/fleet-box:" + BASE_IMAGE.rsplit(":", 1)[1] + "-1"  # rebuilt when the base changes
 BOX_DOCKERFILE = f"""FROM {BASE_IMAGE}
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
       docker.io python3-requests >/dev/null && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb

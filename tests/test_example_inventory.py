@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from devkit.hub_standin import HubStandin, publish_tiny
+from devkit.rig_image import BASE_IMAGE
 from tests.support import minilm_path
 
 pytestmark = [pytest.mark.molecule, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
@@ -42,11 +43,6 @@ def env() -> dict[str, str]:
             "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "VILMS_RIG_CACHE": str(CACHE)}
 
 
-def base_image() -> str:
-    text = RIG.read_text()
-    return text.split("base_image=", 1)[1].split()[0]
-
-
 @pytest.fixture(scope="module")
 def example_rig(rig):
     running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
@@ -65,7 +61,7 @@ def example_rig(rig):
 def host(example_rig):
     subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
     subprocess.run(["docker", "run", "-d", "--name", HOST, "--hostname", HOST, "--privileged", "--cgroupns", "private",
-                    "-v", "/var/lib/docker", base_image(), "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'],
+                    "-v", "/var/lib/docker", BASE_IMAGE, "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'],
                    check=True, capture_output=True)
     try:
         yield HOST

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from devkit.rig_image import BASE_IMAGE
 from tests.support import free_port
 
 pytestmark = [pytest.mark.docker,
@@ -31,7 +32,6 @@ RIG = ROOT / "devkit" / "rig" / "rig.sh"
 PREFIX = os.environ.get("VILMS_TEST_PREFIX", "vilmstest")
 GATEWAY_IMAGE = f"{PREFIX}/gateway:seed-stack"
 ENGINE_IMAGE = "vilms-rig/engines:standin"
-BASE_IMAGE = "vilms-rig/debian:bookworm-3"
 
 
 def docker_ok() -> bool:
