@@ -22,7 +22,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(PIP_EXTRA) -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# LlamaIndex's OpenAILike pins openai<3 (the project runs openai 3): its contract test (tests/test_api_clients.py)
+# runs it from this separate, pinned venv.
+LLAMAINDEX_VENV ?= .venv-llamaindex
+LLAMAINDEX_STAMP := $(LLAMAINDEX_VENV)/.installed
+LLAMAINDEX_SPEC ?= llama-index-llms-openai-like==0.8.1 llama-index-core==0.14.25 openai==2.54.0
+
+$(LLAMAINDEX_STAMP):
+	python3 -m venv $(LLAMAINDEX_VENV)
+	$(LLAMAINDEX_VENV)/bin/python -m pip install -q $(PIP_EXTRA) $(LLAMAINDEX_SPEC)
+	touch $(LLAMAINDEX_STAMP)
+
+install: $(STAMP) $(LLAMAINDEX_STAMP)
 
 # Docker CLI/engine, compose v2 plugin, debootstrap, wrk (Debian; needs root).
 system:

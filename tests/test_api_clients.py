@@ -1,7 +1,8 @@
 """Third-party clients as contract checkers (pinned in the dev extra): LangChain's ChatOpenAI and OpenAIEmbeddings
 (default settings: token-id input), and the litellm SDK, against the Ollama engine (stand-in) and the real
 llama.cpp engine. tiktoken's cl100k file is the one shipped in vilms/_data, put where tiktoken looks first, so
-nothing is downloaded. (LlamaIndex's OpenAILike is not here: it pins openai<3, the project uses openai 3.)
+nothing is downloaded. LlamaIndex's OpenAILike pins openai<3 while the project runs openai 3, so it runs from its own
+pinned venv (`make install` builds .venv-llamaindex) as a subprocess: tests/clients/llamaindex_check.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +22,8 @@ from tests.support import gateway
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch its price list at import
 
+ROOT = Path(__file__).resolve().parents[1]
+LLAMAINDEX_PYTHON = Path(os.environ.get("VILMS_LLAMAINDEX_PYTHON", ROOT / ".venv-llamaindex" / "bin" / "python"))
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 
 
@@ -187,3 +192,30 @@ def test_litellm_on_ollama(ollama_gw):
 @pytest.mark.llama
 def test_litellm_on_llama_cpp(llama_gw):
     _litellm_round(llama_gw)
+
+
+# -- LlamaIndex OpenAILike, default (completions) mode, from its own venv --------------------------------------------
+
+
+def _llamaindex_round(gw) -> dict:
+    if not LLAMAINDEX_PYTHON.exists():
+        pytest.skip(f"{LLAMAINDEX_PYTHON} is missing: `make install` builds the pinned LlamaIndex venv")
+    run = subprocess.run([str(LLAMAINDEX_PYTHON), str(ROOT / "tests" / "clients" / "llamaindex_check.py"), gw.url],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["is_chat_model"] is False and result["raw_object"] == "text_completion"
+    assert result["complete"] and result["chat"]
+    assert "".join(result["deltas"]), result
+    return result
+
+
+def test_llamaindex_openai_like_on_ollama(ollama_gw, ollama_standin):
+    _llamaindex_round(ollama_gw)
+    sent = [(kind, body["model"]) for kind, body in ollama_standin.state["requests"]]
+    assert sent == [("generate", "llama3.2:1b")] * 3  # complete, stream_complete, chat: all through /api/generate
+
+
+@pytest.mark.llama
+def test_llamaindex_openai_like_on_llama_cpp(llama_gw):
+    _llamaindex_round(llama_gw)
