@@ -12,6 +12,8 @@ With `format`, the (non-streamed) answer is a JSON object filling the schema's p
 With `tools`, the answer calls every tool offered (arguments `{"city": "Hanoi"}`); streamed, one call per NDJSON
 line, as Ollama does for parallel calls. `logprobs`/`top_logprobs` add Ollama's per-token `logprobs`.
 Every request body is logged in `state["requests"]` and its headers in `state["headers"]` (tests read both).
+Run as a server it keeps what was pulled or created in `$OLLAMA_MODELS` (default ~/.ollama/models, the volume the
+compose file mounts), as Ollama does, so a recreated container (a rollback) still lists its models.
 
     python -m devkit.ollama_standin --port 11434 [--gguf tiny.gguf] [--models a,b]
 """
@@ -21,9 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
+import os
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import orjson
@@ -67,9 +72,29 @@ class Generator:
                 stop=options.get("stop"), seed=options.get("seed"), stream=True))
 
 
+class ModelStore:
+    """The pulled/created model names, kept in a file of the models directory when one is given."""
+
+    def __init__(self, models: list[str], directory: Path | None = None):
+        self.path = directory / "vilms-standin-models.json" if directory else None
+        self.names = set(models)
+        if self.path is not None and self.path.exists():
+            self.names |= set(json.loads(self.path.read_text()))
+
+    def add(self, name: str) -> None:
+        self.names.add(name)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sorted(self.names)))
+            tmp.replace(self.path)
+
+
 def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float = 0.0,
-               embed_dim: int = 8) -> Starlette:
-    state: dict[str, Any] = {"models": set(models), "requests": [], "headers": [], "generator": Generator(gguf)}
+               embed_dim: int = 8, store: Path | None = None) -> Starlette:
+    state: dict[str, Any] = {"store": ModelStore(models, store), "requests": [], "headers": [],
+                             "generator": Generator(gguf)}
+    state["models"] = state["store"].names
 
     def known(name: str) -> bool:
         return name in state["models"] or name.split(":")[0] in {m.split(":")[0] for m in state["models"]} or name == "fail-midstream"
@@ -88,7 +113,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
         if not known(body.get("from", "")):
             return not_found(body.get("from", ""))
         name = body["model"]
-        state["models"].add(name if ":" in name else name + ":latest")  # as Ollama names it
+        state["store"].add(name if ":" in name else name + ":latest")  # as Ollama names it
         return Response(orjson.dumps({"status": "success"}), media_type="application/json")
 
     async def tags(request: Request) -> Response:
@@ -101,7 +126,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
         body = orjson.loads(await request.body())
         name = body.get("model") or body.get("name")
         state["requests"].append(("pull", body))
-        state["models"].add(name)
+        state["store"].add(name)
         steps = [{"status": "pulling manifest"},
                  {"status": "pulling 0000", "digest": "sha256:0000", "total": 100, "completed": 100},
                  {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
@@ -272,7 +297,8 @@ def main() -> None:
     parser.add_argument("--token-delay-ms", type=float, default=0.0)
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
-    uvicorn.run(create_app(models, args.gguf, args.token_delay_ms), host=args.host, port=args.port,
+    store = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+    uvicorn.run(create_app(models, args.gguf, args.token_delay_ms, store=store), host=args.host, port=args.port,
                 log_level="warning", access_log=False)
 
 
