@@ -225,6 +225,8 @@ class CallbackModule(CallbackBase):
                 rec["result"] = value
                 rec["release_after"] = value.get("release")
                 rec["release_attempted"] = value.get("attempted", value.get("release"))
+            elif key == "vilms_stack_gate_rows" and isinstance(value, list):  # the gate's requests, no_log
+                rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(r for r in value if isinstance(r, dict))
             elif key.startswith(FLEET_FACT_PREFIX):
                 rec[key[len(FLEET_FACT_PREFIX):]] = value
         if "results" not in res:  # loop results arrive item by item below

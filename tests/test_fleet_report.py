@@ -28,6 +28,10 @@ def write_play(tmp: Path) -> Path:
     deploy = [
         {"name": "Deploy | Reach the host", "ansible.builtin.ping": {}},
         {"name": "Deploy | Find the running release (current)", "ansible.builtin.set_fact": {"vilms_stack_previous": "r-old"}},
+        # as tasks/gate.yml with API keys on: the requests were no_log, the role hands the report its rows
+        {"name": "Gate | Rows for the fleet report (requests were hidden by no_log)", "ansible.builtin.set_fact": {
+            "vilms_stack_gate_rows": [{"task": "Gate | chat", "model": "LLM", "ok": "{{ fate == 'ok' }}",
+                                       "status": "{{ 200 if fate == 'ok' else 500 }}", "seconds": 0.1}]}},
         {"name": "Deploy | Fail unless every model answered", "when": "fate != 'ok'", "ansible.builtin.fail": {
             "msg": "release r-new failed its gate: chat VLM: HTTP 500 <script>alert(1)</script>"}},
         {"name": "Result | Remember the outcome", "ansible.builtin.set_fact": {
@@ -89,6 +93,7 @@ def test_canary_failure_halts_and_later_batches_are_untouched(tmp_path):
     b1 = report["hosts"]["b1"]
     assert (b1["batch"], b1["release_before"], b1["release_after"], b1["release_attempted"]) == (1, "r-old", "r-old", "r-new")
     assert b1["failed_task"] == "Deploy | Fail unless every model answered"
+    assert [(g["model"], g["ok"], g["status"]) for g in b1["gate"]] == [("LLM", False, 500)], b1["gate"]
     assert "rolled back to release r-old, healthy" in b1["error"]
     assert report["rollout"]["halted"] and report["rollout"]["halted_in_batch"] == 1
     assert [b["hosts"] for b in report["rollout"]["batches"]] == [["b1"]]
