@@ -175,3 +175,30 @@ def test_external_services_opt_out_of_the_rule():
 ])
 def test_one_service_name_means_one_container(serving, message):
     assert any(message in m for _, m in issues({"serving": serving}))
+
+
+def test_every_schema_key_is_described():
+    """The README promises a description for every key of the schema (tools and editors show them)."""
+    import json
+    from pathlib import Path
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "vilms-config.schema.json").read_text())
+    missing: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, sub in (node.get("properties") or {}).items():
+            if isinstance(sub, dict) and "description" not in sub and "$ref" not in sub:
+                missing.append(f"{path}/{key}")
+            walk(sub, f"{path}/{key}")
+        for key in ("items", "additionalProperties"):
+            walk(node.get(key), f"{path}/{key}")
+        for key in ("oneOf", "anyOf", "allOf"):
+            for i, sub in enumerate(node.get(key) or []):
+                walk(sub, f"{path}/{key}/{i}")
+        for name, sub in (node.get("$defs") or {}).items():
+            walk(sub, f"#/$defs/{name}")
+
+    walk(schema, "")
+    assert missing == []
