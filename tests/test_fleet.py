@@ -108,10 +108,24 @@ def stack_fingerprint(name: str) -> str:
     return hashlib.sha256((files + ids).encode()).hexdigest()
 
 
+def rig_api_key() -> str:
+    """The Jetson boxes' gateway key: molecule's jetson scenario vaults it (test-only vault password)."""
+    from ansible.constants import DEFAULT_VAULT_ID_MATCH
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    vaulted = yaml.safe_load((fleetlib.ROOT / "molecule" / "jetson" / "group_vars" / "all" / "vault.yml").read_text()
+                             .replace("!vault |", "|"))["vilms_rig_api_key"]
+    secret = VaultSecret(fleetlib.VAULT_PASSWORD.read_bytes().strip())
+    return VaultLib([(DEFAULT_VAULT_ID_MATCH, secret)]).decrypt(vaulted).decode()
+
+
 def models_listed(name: str) -> set[str]:
-    out = box_exec(name, ["python3", "-c", "import json,urllib.request;"
-                          "print(json.dumps([m['id'] for m in json.load(urllib.request.urlopen("
-                          "'http://127.0.0.1:8989/v1/models', timeout=10))['data']]))"])
+    """/v1/models on the box itself; Jetson boxes need the rig's API key (their gateways refuse anonymous calls)."""
+    headers = {"Authorization": f"Bearer {rig_api_key()}"} if "-jetson-" in name else {}
+    out = box_exec(name, ["python3", "-c", "import json,sys,urllib.request;"
+                          "r=urllib.request.Request('http://127.0.0.1:8989/v1/models', headers=json.loads(sys.argv[1]));"
+                          "print(json.dumps([m['id'] for m in json.load(urllib.request.urlopen(r, timeout=10))['data']]))",
+                          json.dumps(headers)])
     return set(json.loads(out))
 
 
