@@ -161,8 +161,9 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
         targets[label] = {"proc": Proc(label, [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["v1"]), "--workers", "1"]),
                           "url": f"http://127.0.0.1:{ports['v1']}", "auth": args.secure}
         if not args.one_worker:
-            targets[f"vilms-{workers}w"] = {"proc": Proc(f"vilms-{workers}w", [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["vn"]), "--workers", str(workers)]),
-                                            "url": f"http://127.0.0.1:{ports['vn']}", "auth": args.secure}
+            many = f"vilms-{workers}w" + ("-keys" if args.secure else "")
+            targets[many] = {"proc": Proc(many, [PY, "-m", "vilms", "serve", "--config", str(cfg), "--port", str(ports["vn"]), "--workers", str(workers)]),
+                             "url": f"http://127.0.0.1:{ports['vn']}", "auth": args.secure}
         litellm = None if args.no_litellm or args.baseline_src else ensure_litellm()
         if litellm:
             lcfg = RESULTS / "raw" / "litellm-config.yaml"
