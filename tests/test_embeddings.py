@@ -292,3 +292,16 @@ def test_unreachable_shared_encoder_is_a_clear_503_and_not_ready(tmp_path, monke
     assert response.status_code == 503 and response.json()["error"]["code"] == "embedding_model_unavailable"
     local = [(m["model"], m["state"], m["ready"]) for m in ready.json()["models"] if m["engine"] == "local"]
     assert ready.status_code == 503 and local == [("all-MiniLM-L6-v2", "unreachable", False)]
+
+
+def test_serve_lets_openmp_threads_sleep_unless_the_operator_chose():
+    """`vilms serve` sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning threads starve the event loop on small
+    CPUs, bench/embeddings.py); an operator's own value wins."""
+    from vilms.cli import quiet_openmp
+
+    env: dict[str, str] = {}
+    quiet_openmp(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
+    quiet_openmp(chosen)
+    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}

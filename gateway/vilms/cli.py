@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import MutableMapping
 
 from .config import CONFIG_ENV, ConfigError, build_config, read_yaml
 from .schema import ConfigIssue
@@ -61,6 +62,16 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_openmp(environ: MutableMapping[str, str]) -> None:
+    """Let torch's OpenMP threads sleep between forward passes instead of spinning (unless the operator chose).
+
+    By default they spin for a while after each parallel region, taking the CPU the event loop needs to parse the
+    next requests and write the last answers: on 2 cores, 256 concurrent one-sentence embedding requests went from
+    0.69-0.76 to 0.80-0.81 of a direct encode() with passive waiting, the direct encode itself unchanged (bench/).
+    """
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -76,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     gw = config.gateway
     setup_logging(args.log_format or gw["log-format"], gw["log-level"])
+    quiet_openmp(os.environ)  # before any worker or encoder process imports torch
     workers = args.workers or gw["workers"]
     os.environ[CONFIG_ENV] = os.path.abspath(path)
     if args.log_format:
