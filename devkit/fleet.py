@@ -403,6 +403,7 @@ def up(fleet: Fleet, n: int, registry: bool, bare: bool = False) -> None:
         old = set(boxes(fleet))
         if old != {h for h, _ in hosts}:
             raise SystemExit(f"fleet: '{fleet.prefix}' exists with other boxes; `make fleet-down` first")
+    fleet.state.mkdir(parents=True, exist_ok=True)
     create_boxes(fleet, hosts, bare)
     gateway = build_gateway(fleet)
     reg = None
