@@ -438,15 +438,24 @@ def down(fleet: Fleet) -> None:
     print(f"fleet '{fleet.prefix}': removed")
 
 
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """This tool's own arguments, and those after `--` for ansible-playbook (argparse alone cannot take options
+    such as `-e` after a positional that it has already filled)."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    own, ansible_args = split_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="rollout -- ARGS: ARGS go to ansible-playbook")
     parser.add_argument("command", choices=["up", "rollout", "down", "inventory"])
     parser.add_argument("--prefix", default=os.environ.get("VILMS_FLEET_PREFIX", "vilms-fleet"))
     parser.add_argument("--n", type=int, default=int(os.environ.get("N", "20")))
     parser.add_argument("--registry", action="store_true", help="serve images from a site registry")
     parser.add_argument("--bare", action="store_true", help="boxes without Docker (the first rollout installs it)")
-    parser.add_argument("ansible_args", nargs="*", help="after --: passed to ansible-playbook")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(own)
     fleet = Fleet(args.prefix)
     if args.command == "up":
         up(fleet, args.n, args.registry, args.bare)
@@ -456,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(fleet.inventory)
     else:
         started = time.monotonic()
-        rc = rollout(fleet, args.ansible_args)
+        rc = rollout(fleet, ansible_args)
         print(f"fleet rollout: rc {rc} in {time.monotonic() - started:.0f} s; log {fleet.state / 'site.log'}; "
               f"report {fleet.reports / 'latest.html'}")
         return rc
