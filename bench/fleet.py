@@ -109,9 +109,25 @@ def point_fleet_at(fleet: fleetlib.Fleet, tag: str, registry: bool, max_tokens: 
         path.write_text(yaml.safe_dump(gv, sort_keys=False))
 
 
+def mitogen_env(fleet: fleetlib.Fleet) -> dict[str, str]:
+    """Mitogen's linear strategy, and the boxes reached over the `docker` CLI connection it can take over (it
+    replaces `ssh`, `docker`, `local`…, not community.docker's `docker_api`, which the fleet uses by default)."""
+    import ansible_mitogen
+
+    path = fleet.inventory / "group_vars" / "all.yml"
+    path.write_text(path.read_text().replace("ansible_connection: community.docker.docker_api",
+                                             "ansible_connection: docker"))
+    return {"ANSIBLE_STRATEGY_PLUGINS": str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"),
+            "ANSIBLE_STRATEGY": "mitogen_linear"}
+
+
+def stem(result: dict[str, Any]) -> str:
+    return f"fleet-{result['source']}-{result['n']}" + ("-mitogen" if result.get("mitogen") else "")
+
+
 def save(result: dict[str, Any]) -> Path:
     """Written after every run, so a long benchmark cut short still leaves what it measured."""
-    out = RESULTS / f"fleet-{result['source']}-{result['n']}.json"
+    out = RESULTS / f"{stem(result)}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out
 
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archive", action="store_true", help="per-host image archives instead of a site registry")
     parser.add_argument("--variants", action="store_true", help="also time pipelining off / forks 5 / fact cache")
     parser.add_argument("--keep", action="store_true", help="leave the fleet up afterwards")
+    parser.add_argument("--mitogen", action="store_true", help="every rollout under Mitogen (pip install mitogen)")
     args = parser.parse_args(argv)
     registry = not args.archive
     fleet = fleetlib.Fleet(args.prefix)
@@ -132,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     fleetlib.up(fleet, args.n, registry=registry)
     result["fleet_up_s"] = round(time.monotonic() - t0, 1)
-    first = timed_rollout(fleet, "first", {"vilms_rollout_batches": ["100%"]})
+    strategy = mitogen_env(fleet) if args.mitogen else {}
+    result["mitogen"] = args.mitogen
+    first = timed_rollout(fleet, "first", {"vilms_rollout_batches": ["100%"]}, strategy)
     result["runs"].append(first)
     save(result)
     tag = f"{args.prefix}-2"
@@ -141,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     boxes = fleetlib.boxes(fleet)
     injected = boxes[-1]
     broken = fleetlib.inject_gate_failure(fleet, injected)
-    update = timed_rollout(fleet, "update", {"vilms_rollout_max_fail_percentage": 50}, rx=registry)
+    update = timed_rollout(fleet, "update", {"vilms_rollout_max_fail_percentage": 50}, strategy, rx=registry)
     update["injected_failure"] = {"host": injected, "model": broken}
     (fleet.inventory / "host_vars" / f"{injected}.yml").write_text("---\n{}\n")
     if not registry:
@@ -149,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         update["archive_bytes_per_host"] = size
     update["changed_layer_bytes"] = layer
     result["runs"].append(update)
-    shutil.copy(update["report"], RESULTS / f"fleet-{result['source']}-{args.n}-report.json")
-    shutil.copy(Path(update["report"]).with_suffix(".html"), RESULTS / f"fleet-{result['source']}-{args.n}-report.html")
+    shutil.copy(update["report"], RESULTS / f"{stem(result)}-report.json")
+    shutil.copy(Path(update["report"]).with_suffix(".html"), RESULTS / f"{stem(result)}-report.html")
     save(result)
     noop = {"vilms_rollout_batches": ["100%"]}
     if args.variants:
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("noop", cache),  # baseline: nothing to change, pipelining on, facts from the cache
                           ("noop-no-fact-cache", {}),
                           ("noop-no-pipelining", no_pipelining)):
-            result["runs"].append(timed_rollout(fleet, name, noop, env))
+            result["runs"].append(timed_rollout(fleet, name, noop, {**env, **strategy}))
             save(result)
     out = save(result)
     print(f"fleet-bench: {out}")

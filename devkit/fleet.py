@@ -35,13 +35,14 @@ import yaml
 from devkit.rig_image import BASE_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
-# Edge boxes come flashed with Docker (JetPack images include it): the rig's base image plus Debian's docker.io,
+# Edge boxes come flashed with Docker (JetPack images include it) and, like every Ubuntu/JetPack install, python3-apt
+# (Mitogen cannot run the apt module's own install of it): the rig's base image plus Debian's docker.io,
 # so a fleet rollout spends its time on the stack, not on twenty identical apt downloads. The docker_engine role
 # still runs on every rollout (and finds the packages there).
-BOX_IMAGE = "vilms-rig/fleet-box:" + BASE_IMAGE.rsplit(":", 1)[1] + "-1"  # rebuilt when the base changes
+BOX_IMAGE = "vilms-rig/fleet-box:" + BASE_IMAGE.rsplit(":", 1)[1] + "-2"  # rebuilt when the base changes
 BOX_DOCKERFILE = f"""FROM {BASE_IMAGE}
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
-      docker.io python3-requests >/dev/null && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
+      docker.io python3-requests python3-apt >/dev/null && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 """
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")  # Debian's docker-registry package
 REGISTRY_PORT = 5000
