@@ -119,7 +119,7 @@ def test_plan_json_shape(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     vllm = "vllm-qwen-qwen3-4b-instruct"
     assert plan == {
-        "version": 1, "project": "vilms", "platform": "dgpu", "gpu_mode": "devices",
+        "version": 1, "project": "vilms", "engine_tag": "0.6.8", "platform": "dgpu", "gpu_mode": "devices",
         "config_digest": plan["config_digest"],
         "gateway": {"service": "gateway", "bind": "0.0.0.0", "port": 8989, "url": "http://127.0.0.1:8989"},
         "services": [
@@ -208,3 +208,39 @@ def test_engine_tag_fills_only_an_unset_engine_tag(tmp_path):
     assert "dustynv/ollama:r36.4.0" in json.loads((out / "plan.json").read_text())["images"][0]
     out, result = render_dir(tmp_path, SEED, "--engine-tag", "r35.0.0", name="pinned")
     assert json.loads((out / "plan.json").read_text())["images"][0].endswith("dustynv/ollama:r36.4.0")
+
+
+def test_retag_gives_the_bytes_a_tagged_render_gives_without_validating_again(tmp_path, monkeypatch):
+    """The Jetson path: preflight renders before L4T is read; the stack play fills the tag from the render's files."""
+    untagged = {**SEED, "docker": {k: v for k, v in SEED["docker"].items() if k != "tag"},
+                "gateway": {"api-keys": [{"name": "ops", "key": "sk-ops-0123456789abcdef"}]}}
+    tagged, _ = render_dir(tmp_path, untagged, "--gpu", "no", "--engine-tag", "r36.4.0", name="tagged")
+    out, result = render_dir(tmp_path, untagged, "--gpu", "no", name="retagged")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "plan.json").read_text())["engine_tag"] is None  # what tells the role to retag
+
+    import vilms.config as config_module
+    import vilms.plan as plan_module
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("retag validated the config again")
+
+    monkeypatch.setattr(config_module, "schema_issues", no_validation)
+    monkeypatch.setattr(plan_module, "build_config", no_validation)
+    changed = plan_module.write_render(plan_module.retag(out, gpu=False, engine_tag="r36.4.0"), out)
+    assert sorted(changed) == ["config.yaml", "docker-compose.yaml", "plan.json"]
+    for name in ("config.yaml", "docker-compose.yaml", "plan.json", "keys.yaml"):
+        assert (out / name).read_bytes() == (tagged / name).read_bytes(), name
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["engine_tag"] == "r36.4.0" and "dustynv/ollama:r36.4.0" in plan["images"][0]
+    assert plan_module.write_render(plan_module.retag(out, gpu=False, engine_tag="r36.4.0"), out) == []
+
+
+def test_retag_keeps_a_pinned_engine_tag_and_needs_a_render(tmp_path):
+    out, _ = render_dir(tmp_path, SEED, "--gpu", "no")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = vilms("retag", "--out", str(out), "--engine-tag", "r35.0.0", "--gpu", "no", "--format", "json")
+    assert result.returncode == 0 and json.loads(result.stdout)["changed"] == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = vilms("retag", "--out", str(tmp_path / "nothing"), "--engine-tag", "r35.0.0")
+    assert result.returncode == 1 and "holds no render" in result.stderr

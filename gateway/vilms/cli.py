@@ -1,4 +1,4 @@
-"""`vilms validate | render | serve | compose | weights | plan`: the operator's entry points."""
+"""`vilms validate | render | retag | serve | compose | weights | plan`: the operator's entry points."""
 
 from __future__ import annotations
 
@@ -59,6 +59,26 @@ def cmd_render(args: argparse.Namespace) -> int:
         for issue in result.warnings:
             print(f"{args.config}: {issue.render()}")
         print(f"vilms render: {args.out}: {len(changed)} file(s) changed" + (f" ({', '.join(changed)})" if changed else ""))
+    return 0
+
+
+def cmd_retag(args: argparse.Namespace) -> int:
+    """Fill the Jetson engine tag into an existing render from its own files (no second validation)."""
+    from pathlib import Path
+
+    from .plan import retag, write_render
+
+    gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
+    out = Path(args.out)
+    if not (out / "config.yaml").is_file():
+        print(f"vilms retag: {out} holds no render (run vilms render first)", file=sys.stderr)
+        return 1
+    result = retag(out, gpu=gpu, engine_tag=args.engine_tag)
+    changed = write_render(result, out)
+    if args.format == "json":
+        print(json.dumps({"out": args.out, "files": result.plan["files"] + ["plan.json"], "changed": changed}, indent=2))
+    else:
+        print(f"vilms retag: {out}: {len(changed)} file(s) changed" + (f" ({', '.join(changed)})" if changed else ""))
     return 0
 
 
@@ -251,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-tag", default=None, help="docker.tag.engine when the config leaves it unset (Jetson L4T tag)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("retag", help="fill docker.tag.engine into a render made before the host's L4T tag was known")
+    p.add_argument("--out", required=True, help="the directory `vilms render` wrote")
+    p.add_argument("--engine-tag", required=True, help="the tag (applied only where the config leaves it unset)")
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="as given to vilms render")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_retag)
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", default=None, help=f"config.yaml (default: ${CONFIG_ENV})")

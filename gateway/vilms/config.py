@@ -196,6 +196,16 @@ def build_config(data: Any, source: str = "<memory>") -> Config:
     return config
 
 
+def accepted_config(data: dict[str, Any], source: str = "<render>") -> Config:
+    """A Config from data `build_config` already accepted and `vilms render` wrote out (seed spellings renamed).
+
+    Defaults are filled, nothing is re-checked: a render's second step (the Jetson engine tag, known only once
+    the host's L4T release is read) must not validate the config a second time.
+    """
+    filled = with_defaults(data)
+    return Config(raw=filled, models=tuple(_model_specs(filled)), source=source)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
