@@ -221,8 +221,9 @@ def run_targets(names: list[str], repeat: int, profile: float = 0.0, model: Any 
 
 
 def _sweep_target(name: str) -> tuple[int, dict[str, Any]]:
-    _, size, wait = name.split("-")  # sweep-<size>-<wait>
-    return 1, {"max-batch-size": int(size), "max-wait-ms": float(wait)}
+    _, size, wait, *forward = name.split("-")  # sweep-<size>-<wait>[-<forward pass size>]
+    return 1, {"max-batch-size": int(size), "max-wait-ms": float(wait),
+               **({"forward-batch-size": int(forward[0])} if forward else {})}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -250,7 +251,8 @@ def main() -> None:
     parser.add_argument("--targets", default="1w,1w-shared,2w-shared,2w-replicas,1w-unbatched")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--sweep", action="store_true", help="1 worker over max-batch-size x max-wait-ms")
+    parser.add_argument("--sweep", action="store_true",
+                        help="1 worker over max-batch-size x max-wait-ms x forward-batch-size")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy each gateway for this many seconds")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="embeddings")
@@ -261,7 +263,8 @@ def main() -> None:
     (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.encode(sentences(64))
-    names = ([f"sweep-{s}-{w}" for s in (32, 64, 128) for w in (0, 3, 6, 12)] if args.sweep
+    names = ([f"sweep-{s}-{w}-{f}" for s in (64, 128, 256) for w in (3, 6, 12) for f in (32, 64) if f <= s]
+             if args.sweep
              else args.targets.split(","))
     meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
                        f"{platform.python_version()}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -193,6 +193,43 @@ def test_encoder_tokenizes_once_and_matches_direct_encode(minilm):
     assert counts.tolist() == [_tokens(minilm, t) for t in MIXED]
 
 
+def test_a_caller_is_answered_when_its_forward_pass_ends_not_the_batch(minilm):
+    """Two callers in one batch, one pass each: the longer text's caller gets its row while the other pass waits."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vilms.embeddings.batcher import Batcher
+
+    encoder = SentenceEncoder("m", minilm_path(), chunk=1)
+    encoder.load()
+    second_pass = threading.Event()
+
+    def held_after_the_first_pass(texts):
+        passes = encoder.passes(texts)
+        yield next(passes)  # the longest text goes first
+        second_pass.wait(60)  # the rest runs only once the test has seen the first answer
+        yield from passes
+
+    async def scenario():
+        executor = ThreadPoolExecutor(max_workers=1)
+        batcher = Batcher("m", encoder.encode, executor, max_batch=8, max_wait_ms=200,
+                          encode_parts=held_after_the_first_pass)
+        long_call = asyncio.ensure_future(batcher.submit([MIXED[1]]))
+        short_call = asyncio.ensure_future(batcher.submit(["hi"]))
+        long_rows, long_tokens = await asyncio.wait_for(long_call, 60)
+        early = short_call.done()
+        second_pass.set()
+        short_rows, short_tokens = await asyncio.wait_for(short_call, 60)
+        batcher.close()
+        executor.shutdown()
+        return early, long_rows, long_tokens, short_rows, short_tokens
+
+    early, long_rows, long_tokens, short_rows, short_tokens = asyncio.run(scenario())
+    assert not early
+    assert np.allclose(np.vstack([long_rows, short_rows]), minilm.encode([MIXED[1], "hi"]), atol=1e-4)
+    assert [*long_tokens, *short_tokens] == [_tokens(minilm, MIXED[1]), _tokens(minilm, "hi")]
+
+
 def test_matryoshka_dimensions_shorten_and_renormalise(minilm):
     with gateway(emb_config(matryoshka=True)) as server:
         full = embed(server, model="Embedding", input=MIXED[:3]).json()["data"]
@@ -248,6 +285,11 @@ def test_batch_defaults_follow_the_device_and_explicit_values_win():
     assert settings(device="cuda", **{"max-batch-size": 7, "max-wait-ms": 0}).max_batch == 7
     assert settings(device="cuda", **{"max-wait-ms": 0}).max_wait_ms == 0
     assert settings(**{"batch-defaults": {"cpu": {"max-batch-size": 9, "max-wait-ms": 1}}}).max_batch == 9
+    # Forward passes: the device's default, an explicit size, never more than a batch, else the batch size
+    assert cpu.forward < cpu.max_batch and cuda.forward == cuda.max_batch
+    assert settings(**{"forward-batch-size": 8}).forward == 8
+    assert settings(**{"max-batch-size": 4}).forward == 4
+    assert settings(**{"batch-defaults": {"cpu": {"max-batch-size": 9, "max-wait-ms": 1}}}).forward == 9
 
 
 def test_two_workers_share_one_encoder_process(tmp_path, minilm):

@@ -3,7 +3,8 @@
 One consumer task takes whatever is queued (up to `max_batch` sentences, waiting at most `max_wait` seconds for more
 after the first arrives) and runs the encode on a single-thread executor, so 64 callers with one sentence each cost
 about one forward of 64 rather than 64 forwards, and the event loop keeps serving other requests meanwhile. While a
-batch encodes, new callers queue up and form the next batch.
+batch encodes, new callers queue up and form the next batch. With `encode_parts` (an embedder's forward passes),
+each caller is answered as soon as the pass holding its last row ends, not when the whole batch does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from ..observe import EMBED_BATCH
 
 # Texts for embedders, (query, document) pairs for rerankers: rows and per-item token counts, in input order.
 EncodeFn = Callable[[list], tuple[np.ndarray, np.ndarray]]
+# The same work as it goes: (row indices, rows, token counts) per forward pass, in any order of rows.
+PartsFn = Callable[[list], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]]
 
 
 @dataclass
@@ -30,9 +33,10 @@ class _Job:
 
 class Batcher:
     def __init__(self, name: str, encode: EncodeFn, executor: ThreadPoolExecutor, *, max_batch: int,
-                 max_wait_ms: float, batching: bool = True):
+                 max_wait_ms: float, batching: bool = True, encode_parts: PartsFn | None = None):
         self.name = name
         self.encode = encode
+        self.encode_parts = encode_parts
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -81,6 +85,9 @@ class Batcher:
             texts = jobs[0].texts if len(jobs) == 1 else [t for j in jobs for t in j.texts]
             EMBED_BATCH.labels(self.name).observe(len(texts))
             try:
+                if self.encode_parts is not None and len(jobs) > 1:
+                    await loop.run_in_executor(self.executor, self._encode_in_parts, loop, jobs, texts)
+                    continue
                 vectors, counts = await loop.run_in_executor(self.executor, self.encode, texts)
             except Exception as exc:  # one bad batch fails its callers, never the batcher
                 error = GatewayError(f"local model {self.name!r} failed: {type(exc).__name__}: {exc}", status=500,
@@ -99,3 +106,41 @@ class Batcher:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.cancel()
+
+    def _encode_in_parts(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job], texts: list[str]) -> None:
+        """Worker thread: run the passes, and after each one hand the loop the callers it completed.
+
+        Rows land in one matrix for the batch; a finished caller gets a view of its own rows, which later passes
+        never write. Bookkeeping is a few numpy operations per pass, not per row.
+        """
+        assert self.encode_parts is not None
+        sizes = np.fromiter((len(j.texts) for j in jobs), dtype=np.int64, count=len(jobs))
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        owner = np.repeat(np.arange(len(jobs)), sizes)  # row -> the job it belongs to
+        remaining = sizes.copy()
+        out: np.ndarray | None = None
+        counts = np.empty(len(texts), dtype=np.int64)
+        passes = iter(self.encode_parts(texts))
+        try:
+            for index, rows, part_counts in passes:
+                if out is None:
+                    out = np.empty((len(texts), rows.shape[1]), dtype=rows.dtype)
+                out[index] = rows
+                counts[index] = part_counts
+                touched = owner[index]
+                remaining -= np.bincount(touched, minlength=len(jobs))
+                done = np.unique(touched[remaining[touched] == 0])
+                if done.size:
+                    answers = [(jobs[j], out[starts[j]:ends[j]], counts[starts[j]:ends[j]]) for j in done]
+                    loop.call_soon_threadsafe(_answer, answers)
+        finally:  # a generator must end on this thread (encoder.passes holds torch's per-thread inference mode)
+            close = getattr(passes, "close", None)
+            if close is not None:
+                close()
+
+
+def _answer(answers: list[tuple[_Job, np.ndarray, np.ndarray]]) -> None:
+    for job, vectors, counts in answers:
+        if not job.future.done():
+            job.future.set_result((vectors, counts))

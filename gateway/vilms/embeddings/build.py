@@ -1,6 +1,6 @@
 """Which embedders a gateway process holds, and with which batching settings, from the config.
 
-Batch size and wait window default per device kind (`embedding.batch-defaults` in the schema: a sweep on CPU, a
+Batch size, wait window and forward-pass size default per device kind (`embedding.batch-defaults` in the schema: a sweep on CPU, a
 guess for CUDA until a GPU run); an explicit `max-batch-size` / `max-wait-ms` wins. With several gateway workers the
 local models live in one shared encoder process (`shared.py`) unless `embedding.encoder: in-process` asks for a
 replica per worker.
@@ -26,6 +26,7 @@ class BatchSettings:
     max_batch: int
     max_wait_ms: float
     batching: bool
+    forward: int  # sentences per forward pass (a batch is length-sorted first)
 
 
 def device_kind(device: str) -> str:
@@ -36,9 +37,10 @@ def batch_settings(emb: dict[str, Any]) -> BatchSettings:
     defaults = emb["batch-defaults"][device_kind(emb["device"])]
     size = emb.get("max-batch-size")
     wait = emb.get("max-wait-ms")
-    return BatchSettings(max_batch=defaults["max-batch-size"] if size is None else size,
-                         max_wait_ms=defaults["max-wait-ms"] if wait is None else wait,
-                         batching=emb["batching"])
+    max_batch = defaults["max-batch-size"] if size is None else size
+    forward = emb.get("forward-batch-size") or defaults.get("forward-batch-size") or max_batch
+    return BatchSettings(max_batch=max_batch, max_wait_ms=defaults["max-wait-ms"] if wait is None else wait,
+                         batching=emb["batching"], forward=min(forward, max_batch))
 
 
 def local_routes(config: Config, router: Router | None = None) -> list[Any]:
@@ -59,7 +61,8 @@ def local_embedders(config: Config, router: Router | None = None) -> dict[str, L
     settings = batch_settings(emb)
     return {route.name: LocalEmbedder(route.name, runtime_source(config, route.spec), device=emb["device"],
                                       trust_remote_code=route.spec.trust_remote_code, max_batch=settings.max_batch,
-                                      max_wait_ms=settings.max_wait_ms, batching=settings.batching)
+                                      max_wait_ms=settings.max_wait_ms, batching=settings.batching,
+                                      forward=settings.forward)
             for route in local_routes(config, router)}
 
 

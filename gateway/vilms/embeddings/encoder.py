@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -57,6 +57,23 @@ class SentenceEncoder:
             texts = [self._prompt + t for t in texts]
         return model.tokenize(texts)
 
+    def _forward(self, texts: list[str]) -> tuple[Any, np.ndarray]:
+        """One forward pass (inside inference_mode): float32 rows on the device, and the tokens each text fed it."""
+        import torch
+
+        model = self.model
+        features = self._features(texts)
+        mask = features.get("attention_mask")
+        counts = mask.sum(dim=1).numpy() if mask is not None else np.full(len(texts), features["input_ids"].shape[1])
+        features = {k: (v.to(model.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                    for k, v in features.items()}
+        return model(features)["sentence_embedding"].to(torch.float32), counts
+
+    def _order(self, texts: list[str]) -> list[np.ndarray]:
+        """Row indices per forward pass: longest texts first, `chunk` at a time (as encode() sorts)."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        return [order[start:start + self.chunk] for start in range(0, len(texts), self.chunk)]
+
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, token counts): one float32 row per text, in the order given, and the tokens each one fed the model.
 
@@ -65,22 +82,28 @@ class SentenceEncoder:
         """
         import torch
 
-        model = self.model
         n = len(texts)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
         counts = np.empty(n, dtype=np.int64)
         out: Any = None
         with torch.inference_mode():
-            for start in range(0, n, self.chunk):
-                index = order[start:start + self.chunk]
-                features = self._features([texts[i] for i in index])
-                mask = features.get("attention_mask")
-                counts[index] = mask.sum(dim=1).numpy() if mask is not None else features["input_ids"].shape[1]
-                features = {k: (v.to(model.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                            for k, v in features.items()}
-                rows = model(features)["sentence_embedding"]
+            for index in self._order(texts):
+                rows, counts[index] = self._forward([texts[i] for i in index])
                 if out is None:
                     out = torch.empty((n, rows.shape[1]), dtype=torch.float32, device=rows.device)
-                out[torch.from_numpy(index).to(rows.device)] = rows.to(torch.float32)
+                out[torch.from_numpy(index).to(rows.device)] = rows
             host = out.cpu().numpy()  # the one device-to-host transfer (a no-op view on CPU)
         return np.ascontiguousarray(host, dtype="<f4"), counts
+
+    def passes(self, texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row indices, float32 rows on the host, token counts) after each forward pass, longest texts first.
+
+        The batcher answers every caller whose rows are all done while later passes still run, so a one-sentence
+        request is not held until the slowest pass of a large batch (one host copy per pass; on CUDA the default
+        pass is the whole batch). Exhaust or close it on the thread that started it (inference_mode is per thread).
+        """
+        import torch
+
+        with torch.inference_mode():
+            for index in self._order(texts):
+                rows, counts = self._forward([texts[i] for i in index])
+                yield index, np.ascontiguousarray(rows.cpu().numpy(), dtype="<f4"), counts

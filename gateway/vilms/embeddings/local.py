@@ -21,13 +21,13 @@ class LocalEmbedder:
     kind = "in-process"
 
     def __init__(self, name: str, source: str, *, device: str = "cpu", trust_remote_code: bool = False,
-                 max_batch: int = 64, max_wait_ms: float = 2.0, batching: bool = True):
+                 max_batch: int = 64, max_wait_ms: float = 2.0, batching: bool = True, forward: int | None = None):
         self.name = name
         self.encoder = SentenceEncoder(name, source, device=device, trust_remote_code=trust_remote_code,
-                                       chunk=max_batch)
+                                       chunk=forward or max_batch)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name[:16]}")
         self.batcher = Batcher(name, self.encoder.encode, self._executor, max_batch=max_batch,
-                               max_wait_ms=max_wait_ms, batching=batching)
+                               max_wait_ms=max_wait_ms, batching=batching, encode_parts=self.encoder.passes)
         self._load_lock = asyncio.Lock()
 
     @property
