@@ -230,6 +230,31 @@ def test_a_caller_is_answered_when_its_forward_pass_ends_not_the_batch(minilm):
     assert [*long_tokens, *short_tokens] == [_tokens(minilm, MIXED[1]), _tokens(minilm, "hi")]
 
 
+def test_passes_that_leave_rows_out_fail_the_waiting_callers_and_empty_callers_are_answered():
+    """The batcher's side of the pass contract, with an encoder that stops after one pass of two rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vilms.embeddings.batcher import Batcher
+    from vilms.errors import GatewayError
+
+    def one_pass_only(texts):
+        index = np.arange(2)
+        yield index, np.ones((2, 3), dtype="<f4"), np.array([1, 1])
+
+    async def scenario():
+        batcher = Batcher("m", None, ThreadPoolExecutor(max_workers=1), max_batch=64, max_wait_ms=50,
+                          encode_parts=one_pass_only)
+        calls = [asyncio.ensure_future(batcher.submit(t)) for t in (["a", "b"], [], ["c"])]
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        batcher.close()
+        return results
+
+    done, empty, starved = asyncio.run(scenario())
+    assert done[0].shape == (2, 3) and done[1].tolist() == [1, 1]
+    assert empty[0].shape[0] == 0 and empty[1].size == 0
+    assert isinstance(starved, GatewayError) and starved.status == 500 and "2 of 3 rows" in starved.message
+
+
 def test_matryoshka_dimensions_shorten_and_renormalise(minilm):
     with gateway(emb_config(matryoshka=True)) as server:
         full = embed(server, model="Embedding", input=MIXED[:3]).json()["data"]

@@ -62,12 +62,13 @@ class LocalReranker:
     """One CrossEncoder in the gateway process; `score` is safe to call from many requests at once."""
 
     def __init__(self, name: str, source: str, *, device: str = "cpu", trust_remote_code: bool = False,
-                 max_batch: int = 64, max_wait_ms: float = 2.0):
+                 max_batch: int = 64, max_wait_ms: float = 2.0, forward: int | None = None):
         self.name = name
         self.source = source
         self.device = device
         self.trust_remote_code = trust_remote_code
         self.max_batch = max_batch
+        self.forward = min(forward or max_batch, max_batch)  # pairs per predict pass (embedding.forward-batch-size)
         self.model: Any = None
         self.predict_calls = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rerank-{name[:16]}")
@@ -95,7 +96,7 @@ class LocalReranker:
         self.predict_calls += 1
         features = self.model.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True,
                                         max_length=self.model.max_seq_length)
-        scores = self.model.predict(pairs, batch_size=self.max_batch, convert_to_numpy=True, show_progress_bar=False)
+        scores = self.model.predict(pairs, batch_size=self.forward, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(scores, dtype=np.float32), np.asarray([len(ids) for ids in features["input_ids"]])
 
     async def score(self, query: str, documents: list[str]) -> tuple[list[float], int]:

@@ -66,7 +66,8 @@ class GatewayState:
         settings = batch_settings(config.embedding)
         rerankers = {name: LocalReranker(name, runtime_source(config, route.spec), device=config.embedding["device"],
                                          trust_remote_code=route.spec.trust_remote_code,
-                                         max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+                                         max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                                         forward=settings.forward)
                      for name, route in router.routes.items()
                      if route.spec.type == "reranker" and route.engine == "local"}
         return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras, rerankers=rerankers)

@@ -118,9 +118,9 @@ class Batcher:
         ends = np.cumsum(sizes)
         starts = ends - sizes
         owner = np.repeat(np.arange(len(jobs)), sizes)  # row -> the job it belongs to
+        counts = np.empty(len(texts), dtype=np.int64)
         remaining = sizes.copy()
         out: np.ndarray | None = None
-        counts = np.empty(len(texts), dtype=np.int64)
         passes = iter(self.encode_parts(texts))
         try:
             for index, rows, part_counts in passes:
@@ -134,6 +134,12 @@ class Batcher:
                 if done.size:
                     answers = [(jobs[j], out[starts[j]:ends[j]], counts[starts[j]:ends[j]]) for j in done]
                     loop.call_soon_threadsafe(_answer, answers)
+            empty = np.flatnonzero(sizes == 0).tolist()  # no pass touches a caller without texts: answer it last
+            if empty:
+                rows_of_none = out[:0] if out is not None else np.empty((0, 0), dtype="<f4")
+                loop.call_soon_threadsafe(_answer, [(jobs[j], rows_of_none, counts[:0]) for j in empty])
+            if remaining.any():  # the passes left rows out: fail the callers still waiting (the batcher does)
+                raise RuntimeError(f"the encoder returned {int(sizes.sum() - remaining.sum())} of {len(texts)} rows")
         finally:  # a generator must end on this thread (encoder.passes holds torch's per-thread inference mode)
             close = getattr(passes, "close", None)
             if close is not None:
