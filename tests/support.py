@@ -67,8 +67,8 @@ class ThreadedServer:
 
 @contextlib.contextmanager
 def gateway(config_data: dict[str, Any]) -> Iterator[ThreadedServer]:
-    from vilms.api import create_app
-    from vilms.config import build_config
+    from vilms.serve.api import create_app
+    from vilms.config.load import build_config
 
     app = create_app(build_config(config_data))
     with ThreadedServer(app) as server:

@@ -11,13 +11,18 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b")
 _IPV6 = re.compile(r"\[[0-9a-f:.]*:[0-9a-f:.]*(?:%[\w.-]+)?\](?::\d+)?|(?<![\w:])(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?:%[\w.-]+)?(?![\w:])", re.I)
 _HOSTPORT = re.compile(r"\b[a-z](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9_-]+)*:\d{2,5}\b", re.I)
+# a dotted host name (redis.internal, vllm-0.svc.cluster.local); the gateway's own setting names are kept
+_HOSTNAME = re.compile(r"(?<![\w.@/-])(?!(?:gateway|media|params|embedding|serving)\.)"
+                       r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\.[a-z][a-z-]{1,62}(?![\w-])(?!\.\w)",
+                       re.I)
 _PATH = re.compile(r"(?<![\w<>])(?:~|\.{1,2})?/(?:[\w.@+-]+/)*[\w.@+-]+")
 
 
 def scrub(message: str) -> str:
-    """Remove internal URLs, addresses (IPv4, IPv6, host:port) and file paths from text that may reach a client."""
+    """Remove internal URLs, addresses (IPv4, IPv6, host:port, dotted host names) and file paths from text that may
+    reach a client."""
     for pattern, token in ((_URL, "<backend>"), (_IPV6, "<backend>"), (_IPV4, "<backend>"), (_HOSTPORT, "<backend>"),
-                           (_PATH, "<path>")):
+                           (_PATH, "<path>"), (_HOSTNAME, "<backend>")):
         message = pattern.sub(token, message)
     return message
 

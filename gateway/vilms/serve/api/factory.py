@@ -1,0 +1,17 @@
+"""uvicorn factory: each worker process loads the config named by $VILMS_CONFIG and builds its app."""
+
+from __future__ import annotations
+
+import os
+
+from typing import Any
+
+from vilms.config.load import load_config
+from vilms.serve.observe import setup_logging
+from vilms.serve.api.app import create_app
+
+
+def app() -> Any:
+    config = load_config()
+    setup_logging(os.environ.get("VILMS_LOG_FORMAT") or config.gateway["log-format"], config.gateway["log-level"])
+    return create_app(config)

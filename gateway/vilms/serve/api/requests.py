@@ -1,0 +1,306 @@
+"""Request shapes the gateway validates (strictly: no coercion), and the bounded body reader."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal, Union
+
+import orjson
+from starlette.requests import ClientDisconnect
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator)
+
+from vilms.serve.admission import BodyHold
+from vilms.errors import BadRequest, GatewayError
+
+
+Strict = ConfigDict(strict=True, extra="allow")  # no coercion: "false" is not a bool, 5 is not a string
+Closed = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(BaseModel):
+    model_config = Strict
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = Strict
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = Strict
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class OtherPart(BaseModel):
+    """Any other part type: refused later unless the operator lists it in media.part-types for the engine."""
+
+    model_config = Strict
+    type: str
+
+
+def _part_kind(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if kind is None:
+        return None
+    if not isinstance(kind, str):
+        return "Other"  # which then refuses the non-string type
+    return {"text": "Text", "image_url": "Image"}.get(kind, "Other")
+
+
+Part = Annotated[Union[Annotated[TextPart, Tag("Text")], Annotated[ImagePart, Tag("Image")],
+                       Annotated[OtherPart, Tag("Other")]], Discriminator(_part_kind)]
+
+
+class FunctionCall(BaseModel):
+    model_config = Strict
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(BaseModel):
+    model_config = Strict
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = Strict
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _parts_limit(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        """Counted before the parts are validated: a huge list is refused in O(1)."""
+        limit = (info.context or {}).get("max_parts")
+        if limit is not None and isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"at most {limit} content parts per message (media.max-parts-per-message)")
+        return handler(value)
+
+
+class StreamOptions(BaseModel):
+    model_config = Strict
+    include_usage: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = Strict
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = Closed
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = Closed
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = Closed
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaResponseFormat], Field(discriminator="type")]
+
+
+class FunctionDef(BaseModel):
+    model_config = Strict
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = Strict
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    model_config = Strict
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+def counted_list(value: Any, info: ValidationInfo, key: str, what: str, setting: str) -> None:
+    """A list refused by its length alone, before its items are validated (pydantic's cost is per item, on the loop)."""
+    limit = (info.context or {}).get(key)
+    if limit is not None and isinstance(value, list) and len(value) > limit:
+        raise ValueError(f"at most {limit} {what} per request ({setting})")
+
+
+class ToolsLimited(BaseModel):
+    """`tools` counted against gateway.max-tools before pydantic walks them (chat and Responses share it)."""
+
+    @field_validator("tools", mode="wrap", check_fields=False)
+    @classmethod
+    def _tools_limit(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        counted_list(value, info, "max_tools", "tools", "gateway.max-tools")
+        return handler(value)
+
+
+class ChatRequest(ToolsLimited):
+    """Every field an engine adapter reads, strictly typed; handlers forward only bodies that passed this.
+
+    Fields outside this model are refused (OpenAI's behaviour) unless the model's operator lists them in
+    `params.request-fields` (e.g. vLLM's ignore_eos); num_ctx and keep_alive are operator-only.
+    """
+
+    model_config = Strict
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    # OpenAI fields some SDK-based clients set; harmless to engines (which ignore what they do not serve)
+    service_tier: str | None = Field(default=None, max_length=32)
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    modalities: list[Literal["text"]] | None = None
+
+    @field_validator("messages", mode="wrap")
+    @classmethod
+    def _messages_limit(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        counted_list(value, info, "max_messages", "messages", "gateway.max-messages")
+        return handler(value)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = Strict
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+
+
+async def read_body(request: Any, limit: int, hold: BodyHold, timeout: float) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes before holding it all in memory.
+
+    Bytes are charged to `hold` (the gateway-wide budget and the caller's share) as they arrive, never as
+    declared: a trickling upload holds only what it sent. The caller releases the hold when done with the
+    body, on every path. The whole read must finish within `timeout` seconds (408), so a trickling client
+    holds nothing long; a client that leaves mid-body is a 499 (no traceback: nothing failed here).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(f"request body is larger than {limit} bytes", status=413, code="request_too_large")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(f"request body is larger than {limit} bytes", status=413,
+                                       code="request_too_large")
+                if chunk:
+                    hold.take(len(chunk))
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(f"request body was not received within {timeout:g}s", status=408,
+                           code="body_timeout") from None
+    except ClientDisconnect:
+        raise GatewayError("client closed the connection while sending the body", status=499,
+                           type="client_closed", code="client_closed") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def json_nodes(raw: bytes) -> int:
+    """An upper bound on the values a JSON text holds (every value after an array's or object's first is
+    preceded by a comma), counted at memchr speed. Base64 image data holds none of these bytes."""
+    return raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+
+
+def parse_json(raw: bytes, max_nodes: int | None = None) -> dict[str, Any]:
+    """Parse a body, refusing first (without parsing) one whose value count alone would hold the event
+    loop: a 1.7 MB body of 80,000 tiny objects takes orjson 40-300 ms to materialise."""
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object", code="invalid_json")
+    if max_nodes is not None and len(raw) > max_nodes and json_nodes(raw) > max_nodes:
+        raise BadRequest(f"request body holds more than {max_nodes} JSON values (gateway.max-json-nodes)",
+                         code="too_many_json_values")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
+        raise BadRequest(f"request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
+    return data
+
+
+MAX_DEPTH = 128  # orjson writes at most 255 levels: a deeper body parsed, then failed (500) when forwarded
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit`; visits containers only, run only when the body holds more
+    than `limit` brackets at all."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def validated(model: type[BaseModel], data: dict[str, Any], context: dict[str, Any] | None = None) -> Any:
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param(first["loc"])
+        raise BadRequest(f"{param or 'body'}: {first['msg']}", param=param or None, code="invalid_value") from exc
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not (isinstance(part, str) and (part[:1].isupper() or "[" in part or part in ("str", "list", "int"))):
+            out += ("." if out else "") + str(part)
+    return out

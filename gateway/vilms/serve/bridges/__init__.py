@@ -1,0 +1,1 @@
+"""API translators: turn one OpenAI API into another an engine speaks (Responses over chat)."""

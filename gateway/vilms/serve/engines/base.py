@@ -1,0 +1,270 @@
+"""The small interface every engine adapter implements, plus the upstream plumbing they share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import aiohttp
+from starlette.responses import Response, StreamingResponse
+
+from vilms.errors import BackendError, BackendTimeout, BackendUnavailable, GatewayError, from_backend_status
+from vilms.serve.observe import Observation
+from vilms.config.routing import Route
+
+log = logging.getLogger("vilms.gateway")
+PROBE_TIMEOUT = 2.0
+STREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+JSON_HEADERS = {"Content-Type": "application/json"}
+MAX_REPLY_BYTES = 268435456  # gateway.max-reply-bytes
+MAX_LINE_BYTES = 16777216  # gateway.max-reply-line-bytes
+ERROR_BODY_BYTES = 65536  # an engine's error text: only its first 500-1000 characters are kept anyway
+
+
+@dataclass
+class ChatCall:
+    """One chat request after routing: body already names the engine-side model, defaults applied."""
+
+    route: Route
+    body: dict[str, Any]
+    obs: Observation
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]] | Any  # list of lists or a 2-D numpy array
+    prompt_tokens: int
+
+
+class Engine(ABC):
+    """An adapter from the gateway's OpenAI-shaped calls to one backend kind."""
+
+    kind: str = "?"
+    forwards_request_id: bool = True  # x-request-id to the engine (some OpenAI-compatible servers reject non-UUIDs)
+
+    def __init__(self, session: aiohttp.ClientSession, total_timeout: float,
+                 max_reply: int = MAX_REPLY_BYTES, max_line: int = MAX_LINE_BYTES):
+        self.session = session
+        self.total_timeout = total_timeout
+        self.max_reply, self.max_line = max_reply, max_line  # gateway.max-reply-bytes, max-reply-line-bytes
+
+    @abstractmethod
+    async def chat(self, call: ChatCall) -> Response: ...
+
+    @abstractmethod
+    async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult: ...
+
+    @abstractmethod
+    async def ready(self, base_url: str) -> bool: ...
+
+    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> aiohttp.ClientResponse:
+        """POST to the first reachable URL and return the unread response, status checked.
+
+        Fails over only on connection errors: once a backend has taken the request's bytes
+        it is never re-sent elsewhere (it may already be generating).
+        """
+        last: Exception | None = None
+        headers = request_headers(obs) if self.forwards_request_id else JSON_HEADERS
+        for base in urls:
+            try:
+                response = await self.session.post(base + path, data=payload, headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                last = exc
+                continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise self._failure(obs, exc) from exc
+            if response.status >= 400:
+                body = await self._read(obs, response, ERROR_BODY_BYTES, truncate=True)
+                obs.upstream_error("status")
+                raise from_backend_status(response.status, body, self.kind)
+            return response
+        obs.upstream_error("connect")
+        raise BackendUnavailable(f"{self.kind} engine is unreachable ({len(urls)} endpoint(s) tried)",
+                                 code="engine_unreachable") from last
+
+    async def _read(self, obs: Observation, response: aiohttp.ClientResponse, limit: int | None = None,
+                    truncate: bool = False) -> bytes:
+        """The whole reply, at most `limit` bytes (default max_reply) after decompression: a larger one is a 502
+        (or, for error texts, cut). aiohttp inflates in bounded steps, so a gzip bomb stops at the limit."""
+        limit = self.max_reply if limit is None else limit
+        chunks, size, complete = [], 0, False
+        try:
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    if truncate:
+                        chunks.append(chunk[:len(chunk) - (size - limit)])
+                        break
+                    obs.upstream_error("too_large")
+                    raise BackendError(f"{self.kind} engine reply is larger than {limit} bytes "
+                                       "(gateway.max-reply-bytes)", code="engine_reply_too_large")
+                chunks.append(chunk)
+            else:
+                complete = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failure(obs, exc) from exc
+        finally:
+            if complete:
+                response.release()
+            else:
+                response.close()
+        return b"".join(chunks)
+
+    def _failure(self, obs: Observation, exc: BaseException) -> GatewayError:
+        """An aiohttp failure after the connection was made: 504 when the engine went silent, else 502."""
+        if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+            obs.upstream_error("timeout")
+            return BackendTimeout(f"{self.kind} engine did not answer in time")
+        obs.upstream_error("protocol")
+        return GatewayError(f"{self.kind} engine connection failed: {type(exc).__name__}", status=502,
+                            type="upstream_error")
+
+    async def relay(self, call: ChatCall, upstream: aiohttp.ClientResponse,
+                    translate: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
+        """Relay an engine's stream to the client as its bytes arrive, optionally translated chunk by chunk.
+
+        A translator may raise GatewayError on an engine error line. Any failure mid-stream becomes one SSE
+        error event and the stream closes. The `finally` also runs when the client disconnects (the
+        generator is cancelled): closing the upstream connection mid-stream stops generation on the engine.
+        """
+        status, note, complete = 200, "", False
+        try:
+            async for data in upstream.content.iter_any():
+                out = translate(data) if translate else data
+                if out:
+                    call.obs.chunk()
+                    yield out
+            complete = True
+        except GatewayError as exc:
+            call.obs.upstream_error("stream")
+            status, note = exc.status, "stream_error"
+            partial = getattr(exc, "partial", b"")
+            if partial:
+                call.obs.chunk()
+                yield partial
+            yield exc.sse()
+        except STREAM_ERRORS as exc:
+            call.obs.upstream_error("stream")
+            failure = stream_failure(self.kind, exc)
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        except Exception:  # a bug or an engine reply of a shape nobody foresaw: still one error event
+            log.exception("stream relay failed", extra={"fields": {"request_id": call.obs.request_id,
+                                                                   "model": call.obs.model}})
+            call.obs.upstream_error("stream")
+            failure = BackendError(f"{self.kind} engine stream could not be relayed", code="engine_error")
+            status, note = failure.status, "stream_error"
+            yield failure.sse()
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+            call.obs.finish(status, note or ("" if call.obs.first_chunk else "empty_stream"))
+
+    async def post_json(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> bytes:
+        """Non-streaming POST under the total timeout; cancelling it closes the upstream connection."""
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                response = await self.open(obs, urls, path, payload)
+                return await self._read(obs, response)
+        except TimeoutError as exc:
+            obs.upstream_error("timeout")
+            raise BackendTimeout(f"{self.kind} engine did not finish within {self.total_timeout:g}s") from exc
+
+    async def open_with_deadline(self, obs: Observation, urls: tuple[str, ...], path: str,
+                                 payload: bytes) -> aiohttp.ClientResponse:
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                return await self.open(obs, urls, path, payload)
+        except TimeoutError as exc:
+            obs.upstream_error("timeout")
+            raise BackendTimeout(f"{self.kind} engine did not answer within {self.total_timeout:g}s") from exc
+
+    async def probe(self, url: str) -> bool:
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+
+class LineBuffer:
+    """Splits an engine's stream at `sep`, holding at most `limit` bytes of an unfinished line (else a 502).
+
+    Why: the converters kept `buffer += data` per chunk, quadratic in a line's length with no bound: a 600 MiB
+    line without a newline took 3.1 GB and 437 s of CPU on the event loop. Here each byte is joined once.
+    """
+
+    __slots__ = ("limit", "sep", "parts", "size", "kind")
+
+    def __init__(self, limit: int, kind: str, sep: bytes = b"\n"):
+        self.limit, self.kind, self.sep = limit, kind, sep
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        probe = self.parts[-1][1 - len(self.sep):] + data if self.parts and len(self.sep) > 1 else data
+        if self.sep not in probe:
+            self.size += len(data)
+            if self.size > self.limit:
+                raise self._too_long()
+            self.parts.append(data)
+            return []
+        joined = b"".join(self.parts) + data if self.parts else data
+        lines = joined.split(self.sep)
+        tail = lines.pop()
+        if len(tail) > self.limit or any(len(line) > self.limit for line in lines):
+            raise self._too_long()
+        self.parts, self.size = ([tail], len(tail)) if tail else ([], 0)
+        return lines
+
+    def _too_long(self) -> GatewayError:
+        return BackendError(f"{self.kind} engine sent a stream line longer than {self.limit} bytes "
+                            "(gateway.max-reply-line-bytes)", code="engine_reply_too_large")
+
+
+def request_headers(obs: Observation) -> dict[str, str]:
+    """JSON plus the request's id, so engine logs can be joined to the gateway's ("-": no caller request)."""
+    if obs.request_id and obs.request_id != "-":
+        return {**JSON_HEADERS, "x-request-id": obs.request_id}
+    return JSON_HEADERS
+
+
+class ObservedStream(StreamingResponse):
+    """A stream whose request is finished (and upstream closed) even if its body never started:
+    a client that disconnects before the first byte left the generator unstarted, so its `finally`
+    never ran and the running gauge and the backend slot leaked."""
+
+    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: aiohttp.ClientResponse):
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.obs, self.upstream = obs, upstream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.obs.done:
+                self.upstream.close()
+                self.obs.finish(499, "client_closed")
+
+
+def sse_response(body: AsyncIterator[bytes], call: ChatCall | None = None,
+                 upstream: aiohttp.ClientResponse | None = None) -> StreamingResponse:
+    if call is None or upstream is None:
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    return ObservedStream(body, call.obs, upstream)
+
+
+def stream_failure(kind: str, exc: BaseException) -> GatewayError:
+    if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return BackendTimeout(f"{kind} engine stream timed out (silent for gateway.read-timeout, or longer than "
+                              "gateway.stream-timeout)", code="stream_timeout")
+    return GatewayError(f"{kind} engine stream broke: {type(exc).__name__}", status=502, type="upstream_error",
+                        code="stream_interrupted")

@@ -1,0 +1,207 @@
+"""Image and frame handling for vision requests: decode-verify, sample frames, downscale, re-encode.
+
+Blocking Pillow work runs on a small dedicated executor (media.decode-concurrency threads), so at most
+that many images are decoded at once however many requests arrive; the event loop only shuffles bytes.
+Every check that can refuse a request (part types, counts, sizes) runs first, in one linear pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Collection
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vilms.errors import BadRequest
+from vilms.serve.admission import FairGate
+from vilms.serve.fetch import FetchRefused, ImageFetcher
+
+_PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_frames: int
+    max_side: int
+    max_pixels: int
+    max_bytes: int = 20 * 1024 * 1024
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    mime: str
+    data: bytes
+    width: int
+    height: int
+
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+def sample_indices(count: int, keep: int) -> list[int]:
+    """`keep` evenly spaced indices out of `count`, in order, first and last included."""
+    if count <= keep:
+        return list(range(count))
+    if keep == 1:
+        return [0]
+    return [round(i * (count - 1) / (keep - 1)) for i in range(keep)]
+
+
+def process_image(data: bytes, limits: ImageLimits) -> PreparedImage:
+    """Decode fully (a truncated or fake image fails here), downscale if too large, re-encode compactly.
+
+    Images already small enough and in a format every engine reads pass through byte for byte.
+    """
+    try:
+        image = Image.open(io.BytesIO(data), formats=limits.formats)
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ValueError(f"image has {width}x{height} pixels, more than the {limits.max_pixels} allowed")
+        fmt = image.format
+        if max(width, height) <= limits.max_side and fmt in _PASSTHROUGH:
+            image.load()
+            return PreparedImage(_PASSTHROUGH[fmt], data, width, height)
+        if fmt == "JPEG":
+            image.draft("RGB", (limits.max_side, limits.max_side))  # decode at reduced scale: much faster
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError("not a decodable image") from exc
+    image = ImageOps.exif_transpose(image)
+    image.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image.convert("RGBA").save(out, "PNG", optimize=False)
+        mime = "image/png"
+    else:
+        image.convert("RGB").save(out, "JPEG", quality=88, optimize=True)
+        mime = "image/jpeg"
+    return PreparedImage(mime, out.getvalue(), image.width, image.height)
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or ";base64" not in header:
+        raise ValueError("data URLs must be base64-encoded (data:image/...;base64,...)")
+    if len(payload) // 4 * 3 > max_bytes + 2:  # checked before decoding
+        raise ValueError(f"image is larger than {max_bytes} bytes (media.max-bytes)")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("data URL is not valid base64") from exc
+
+
+def image_url_of(part: dict[str, Any]) -> str:
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise ValueError("image_url part has no url")
+    return url
+
+
+def inspect_content(messages: list[dict[str, Any]], allowed: Collection[str], max_frames: int,
+                    max_images: int) -> int:
+    """One linear pass over every part: refuse part types the engine may not receive (naming the part) and
+    requests whose images, after per-message sampling, exceed `max_images`. Returns the images to decode.
+
+    Shapes were validated already (strict request models): parts are dicts with a string `type`.
+    """
+    total = 0
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        images = 0
+        for pi, part in enumerate(content):
+            kind = part["type"]
+            if kind not in allowed:
+                where = f"messages[{mi}].content[{pi}]"
+                raise BadRequest(f"{where}: content part type {kind!r} is not accepted for this model (accepted: "
+                                 f"{', '.join(sorted(allowed))})", param=where, code="unsupported_content_part")
+            images += kind == "image_url"
+        total += min(images, max_frames)
+    if total > max_images:
+        raise BadRequest(f"the request carries {total} images (after sampling {max_frames} per message); at most "
+                         f"{max_images} are accepted (media.max-images)", param="messages", code="too_many_images")
+    return total
+
+
+def _prepared_url(data: bytes, limits: ImageLimits) -> str:
+    return process_image(data, limits).data_url()
+
+
+class Decoder:
+    """A dedicated, small thread pool for Pillow: bounds decode concurrency (and so peak memory)."""
+
+    def __init__(self, workers: int):
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vilms-decode")
+        self.gate = FairGate("image decode", workers)  # the pool's places, shared fairly between keys
+
+    async def run(self, data: bytes, limits: ImageLimits, owner: str = "") -> str:
+        """The prepared image as a data URL (base64-encoding it is CPU work too: done in the pool)."""
+        await self.gate.acquire(owner)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, _prepared_url, data, limits)
+        finally:
+            self.gate.release(owner)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fetcher: ImageFetcher,
+                         decoder: Decoder, owner: str = "") -> list[dict[str, Any]]:
+    """New message list: each message's images sampled to `max_frames`, verified, resized, as data URLs.
+
+    Text parts keep their places; dropped frames simply vanish from the sequence. Linear in the parts.
+    """
+    jobs: list[tuple[int, int, dict[str, Any]]] = []
+    new_messages = []
+    for mi, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, list):
+            new_messages.append(message)
+            continue
+        image_positions = [pi for pi, p in enumerate(content) if p.get("type") == "image_url"]
+        kept = {image_positions[i] for i in sample_indices(len(image_positions), limits.max_frames)}
+        dropped = set(image_positions) - kept
+        parts = []
+        for pi, part in enumerate(content):
+            if pi in dropped:
+                continue
+            if pi in kept:
+                part = dict(part)
+                jobs.append((mi, pi, part))
+            parts.append(part)
+        new_messages.append({**message, "content": parts})
+
+    async def load(mi: int, pi: int, part: dict[str, Any]) -> None:
+        where = f"messages[{mi}].content[{pi}]"
+        try:
+            url = image_url_of(part)
+            if url.startswith("data:"):
+                raw = decode_data_url(url, limits.max_bytes)
+            elif url.startswith(("http://", "https://")):
+                raw = await fetcher.fetch(url, owner)
+            else:
+                raise ValueError("image url must be a data: URL or an http(s) URL")
+            if len(raw) > limits.max_bytes:
+                raise ValueError(f"image is larger than {limits.max_bytes} bytes (media.max-bytes)")
+            prepared_url = await decoder.run(raw, limits, owner)
+        except (ValueError, FetchRefused) as exc:
+            raise BadRequest(f"{where}: {exc}", param=where, code="invalid_image") from exc
+        detail = part["image_url"].get("detail") if isinstance(part.get("image_url"), dict) else None
+        part["image_url"] = {"url": prepared_url, **({"detail": detail} if detail else {})}
+
+    try:
+        async with asyncio.TaskGroup() as group:  # the first bad image cancels the rest
+            for job in jobs:
+                group.create_task(load(*job))
+    except* BadRequest as failures:
+        raise failures.exceptions[0] from None
+    return new_messages
