@@ -315,7 +315,7 @@ class CallbackModule(CallbackBase):
         out_dir = Path(os.path.expanduser(str(self.get_option("report_dir"))))
         stem = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         try:
-            from vilms import fleet_report
+            from vilms.deploy import fleet_report
         except ImportError:  # the controller's Python lacks the vilms package: JSON only
             import json
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,5 +323,8 @@ class CallbackModule(CallbackBase):
             self._display.warning(f"vilms_fleet_report: vilms not importable by {sys.executable}; wrote JSON only")
             return
         json_path, html_path = fleet_report.write(report, out_dir, stem)
+        retry = fleet_report.retry_hosts(report)
+        again = (f"{len(retry)} host(s) to run again: --limit @{out_dir / (stem + '.retry')}" if retry
+                 else "no host to run again")
         # stderr: stdout belongs to the stdout callback (a JSON callback's output must stay parseable)
-        self._display.display(f"Fleet report: {html_path} ({json_path.name})", stderr=True)
+        self._display.display(f"Fleet report: {html_path} ({json_path.name}); {again}", stderr=True)

@@ -1,0 +1,162 @@
+"""The example inventory deploys as written: copy inventories/example/, swap only what the rig cannot have, run
+site.yml, pass the full health gate, then answer through the official openai client.
+
+Swapped: host names (one dgpu rig host), the stand-in images (shipped as archives, as air-gapped sites do), the
+stand-ins for the NVIDIA driver (molecule/resources/prepare.yml) and the hub: the example's own model ids are
+published to a loopback stand-in of the Hugging Face file API (tiny random weights for the vLLM model, MiniLM's
+files for the embedding model) and the role fetches them with the real huggingface_hub. Everything else — models,
+aliases, engines, gateway tag with the embeddings variant chosen automatically — is the example's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from devkit.hub_standin import HubStandin, publish_tiny
+from devkit.rig_image import BASE_IMAGE
+from tests.support import minilm_path
+
+pytestmark = [pytest.mark.molecule, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
+                                                        reason="the rig needs root and dockerd (make system)")]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RIG = ROOT / "devkit" / "rig" / "rig.sh"
+PREFIX = os.environ.get("VILMS_RIG_PREFIX", "vilms-rig")
+HOST = f"{PREFIX}-example-gpu-01"
+CACHE = Path(os.environ.get("VILMS_RIG_CACHE", ROOT / ".cache" / "rig"))
+# The gateway image as the rig builds it; a session that must not retag shared images passes its own.
+GATEWAY = os.environ.get("VILMS_EXAMPLE_GATEWAY", "vilms/gateway:rig-emb")
+GATEWAY_ARCHIVE = os.environ.get("VILMS_EXAMPLE_GATEWAY_ARCHIVE", str(CACHE / "images" / "gateway-emb.tar"))
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "VILMS_RIG_CACHE": str(CACHE)}
+
+
+@pytest.fixture(scope="module")
+def example_rig(rig):
+    running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    subprocess.run(["bash", str(RIG), "daemon-up"], check=True, env=env(), timeout=120)
+    try:
+        if os.environ.get("VILMS_EXAMPLE_PREBUILT") != "1" and os.environ.get("VILMS_RIG_READY") != "1":
+            subprocess.run(["bash", str(RIG), "images"], check=True, env=env(), timeout=1800)
+        subprocess.run(["bash", str(RIG), "base-image"], check=True, env=env(), timeout=600)
+        yield
+    finally:
+        if not running:  # stop only a daemon this fixture started
+            subprocess.run(["bash", str(RIG), "daemon-down"], env=env(), timeout=120)
+
+
+@pytest.fixture()
+def host(example_rig):
+    subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
+    subprocess.run(["docker", "run", "-d", "--name", HOST, "--hostname", HOST, "--privileged", "--cgroupns", "private",
+                    "-v", "/var/lib/docker", BASE_IMAGE, "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'],
+                   check=True, capture_output=True)
+    try:
+        yield HOST
+    finally:
+        subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
+
+
+def publish_example_models(hub_root: Path) -> None:
+    """The example's own repo ids, served by the loopback hub stand-in."""
+    publish_tiny(hub_root, "Qwen/Qwen3-4B-Instruct-2507")
+    e5 = hub_root / "intfloat" / "multilingual-e5-small"
+    shutil.copytree(minilm_path(), e5, ignore=shutil.ignore_patterns(".*"))
+
+
+def copy_example(tmp: Path, hub_url: str) -> Path:
+    """inventories/example/ as a new site would copy it; then only the rig's swaps are added."""
+    site = tmp / "site"
+    shutil.copytree(ROOT / "inventories" / "example", site)
+    repo, _, tag = GATEWAY.rpartition(":")
+    hosts = yaml.safe_load((site / "hosts.yml").read_text())
+    hosts["all"]["children"]["dgpu"]["hosts"] = {HOST: None}  # one rig host for the example's dgpu servers
+    hosts["all"]["children"]["jetsons"]["hosts"] = {}
+    (site / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    (site / "host_vars" / f"{HOST}.yml").write_text(yaml.safe_dump({
+        "ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False, "ansible_user": "root",
+        # Stand-in images under the example's own model config; the gateway tag is the slim name: the role
+        # picks the embeddings variant (-emb) itself because the example embeds locally.
+        "vilms_config_host": {"docker": {
+            "pull-policy": "never",
+            "image": {"gateway": repo, "vllm": "vilms-rig/engines", "ollama": "vilms-rig/engines"},
+            "tag": {"gateway": tag.removesuffix("-emb"), "vllm": "standin", "engine": "standin"}}}}))
+    (site / "group_vars" / "all" / "rig.yml").write_text(yaml.safe_dump({
+        "vilms_rig_minilm": minilm_path(),
+        "docker_engine_source": "distro",
+        "docker_engine_compose_plugin_src": str(Path.home() / ".docker" / "cli-plugins" / "docker-compose"),
+        "nvidia_container_toolkit_repo_enabled": False, "nvidia_container_toolkit_packages": [],
+        "nvidia_container_toolkit_require_driver": True,
+        "vilms_stack_image_source": "archive",
+        "vilms_stack_image_archives": [{"image": GATEWAY, "src": GATEWAY_ARCHIVE},
+                                       {"image": "vilms-rig/engines:standin", "src": str(CACHE / "images" / "engines.tar")}],
+        "vilms_stack_gate_delay": 2,
+        "vilms_stack_hf_endpoint": hub_url,
+        "vilms_stack_weights_cache": str(tmp / "weights-cache")}))
+    return site / "hosts.yml"
+
+
+def playbook(inventory: Path, playbook_path: Path, log: Path) -> subprocess.CompletedProcess:
+    with open(log, "w") as out:
+        return subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook_path)], cwd=ROOT,
+                              env=env(), stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+
+
+def container_ip(name: str) -> str:
+    return subprocess.run(["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.timeout(2400)
+def test_example_inventory_deploys_as_written(host, tmp_path):
+    hub_root = tmp_path / "hub"
+    publish_example_models(hub_root)
+    with HubStandin(hub_root) as hub:
+        inventory = copy_example(tmp_path, hub.url)
+        prepared = playbook(inventory, ROOT / "molecule" / "resources" / "prepare.yml", tmp_path / "prepare.log")
+        assert prepared.returncode == 0, (tmp_path / "prepare.log").read_text()[-4000:]
+        log = ROOT / ".cache" / "example-inventory.log"
+        log.parent.mkdir(exist_ok=True)
+        result = playbook(inventory, ROOT / "site.yml", log)
+        text = log.read_text()
+        assert result.returncode == 0, f"site.yml on the example inventory failed; last lines of {log}:\n{text[-8000:]}"
+        assert "Gate | One short chat completion per chat model" in text and "Gate | One embedding per" in text
+        assert "Weights | Verify size and sha256 of every file on the host" in text
+        downloads = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
+        assert len(downloads) == len(set(downloads)) and downloads  # each file fetched once
+
+    shipped = subprocess.run(["docker", "exec", HOST, "cat",
+                              "/opt/vilms/models/qwen-qwen3-4b-instruct-2507/.vilms-weights.json"],
+                             check=True, capture_output=True, text=True).stdout
+    assert {f["path"] for f in json.loads(shipped)["files"]} == {"config.json", "model.safetensors",
+                                                                 "tokenizer_config.json"}
+    compose = yaml.safe_load(subprocess.run(["docker", "exec", HOST, "cat", "/opt/vilms/current/docker-compose.yaml"],
+                                            check=True, capture_output=True, text=True).stdout)
+    assert compose["services"]["gateway"]["image"].endswith("-emb")
+
+    import openai
+
+    key = yaml.safe_load((tmp_path / "site" / "group_vars" / "all" / "vault.yml").read_text())["vault_vilms_gateway_key"]
+    keyless = openai.OpenAI(base_url=f"http://{container_ip(HOST)}:8989/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):  # published on the LAN: the example's key is required
+        keyless.models.list()
+    client = openai.OpenAI(base_url=f"http://{container_ip(HOST)}:8989/v1", api_key=key, max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model="LLM", max_tokens=4, messages=[{"role": "user", "content": "1+1?"}])
+    assert answer.choices[0].message.content is not None
+    vectors = client.embeddings.create(model="Embedding", input=["xin chao", "hello"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
+    listed = {m.id for m in client.models.list().data}
+    assert {"LLM", "LLM_SMALL", "LLM_QWEN3", "VLM", "Embedding", "Qwen/Qwen3-4B-Instruct-2507"} <= listed
