@@ -352,7 +352,7 @@ def ara_env(fleet: Fleet) -> dict[str, str]:
     """ARA records the raw run (every task and result) in a sqlite file of the fleet's own (VILMS_FLEET_ARA=1)."""
     from ara.setup import callback_plugins as ara_callbacks
 
-    return {"ANSIBLE_CALLBACK_PLUGINS": f"{ROOT / 'callback_plugins'}:{ara_callbacks}",
+    return {"ANSIBLE_CALLBACK_PLUGINS": f"{ROOT / 'plugins' / 'callback'}:{ara_callbacks}",
             "ARA_API_CLIENT": "offline", "ARA_BASE_DIR": str(fleet.state / "ara")}
 
 

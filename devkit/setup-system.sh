@@ -14,6 +14,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)  # ships model weights to hosts (vilms_stack weights)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)  # the simulated fleet's site registry
+# arm64 under emulation: the Jetson gateway image (gateway/cross_image.py) answers /health_check in a test
+[ -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || need+=(qemu-user-static binfmt-support)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup-system: installing ${need[*]}"
   apt-get update -qq
@@ -23,6 +25,13 @@ if [ ${#need[@]} -gt 0 ]; then
   if [[ " ${need[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
   fi
+fi
+
+# Register the aarch64 interpreter when the kernel lets us (root, binfmt_misc); a machine that cannot still builds
+# the arm64 image (no step runs arm64 code) and its test only skips running it.
+if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+  [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+  update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || echo "setup-system: qemu-aarch64 not registered (arm64 images will not run here)"
 fi
 
 plugin_dir="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"

@@ -78,6 +78,10 @@ images() {
   build_and_save vilms/gateway:rig "$root/gateway/Dockerfile" "$cache/images/gateway.tar" --build-arg PIP_ARGS=--no-index
   build_and_save vilms/gateway:rig-emb "$root/gateway/Dockerfile" "$cache/images/gateway-emb.tar" \
     --build-arg PIP_ARGS=--no-index --build-arg VARIANT=embeddings
+  # The gateway for Jetsons (linux/arm64), built without emulation by gateway/cross_image.py (make image-arm64).
+  "$venv_py" "$root/gateway/cross_image.py" --tag vilms/gateway:rig-arm64 --out "$cache/images/gateway-arm64.tar" \
+    --cache "$cache/cross" >/dev/null
+  echo "rig: vilms/gateway:rig-arm64 -> $cache/images/gateway-arm64.tar"
   # One stand-in image; also tagged as the L4T-matched tag jetson_runtime picks for the rig's fake L4T 36.4.
   build_and_save vilms-rig/engines:standin "$here/standin.Dockerfile" "$cache/images/engines.tar"
   docker tag vilms-rig/engines:standin vilms-rig/engines:r36.4.0
