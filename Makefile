@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system test test-fast lint demo demo-down demo-local bench clean fleet-up fleet-rollout fleet-down fleet-bench
+.PHONY: help install system test test-fast lint demo demo-down demo-local bench bench-cost bench-preflight image-arm64 clean fleet-up fleet-rollout fleet-down fleet-bench
 
 help:
 	@echo "make demo | demo-down | demo-local | test | test-fast | lint | bench | clean"
@@ -68,6 +68,11 @@ demo-local: install
 bench: install system
 	$(PY) -m bench.run
 
+# Gateway CPU µs per request (all its processes) beside req/s: chat, stream, embeddings (bench/cost.py).
+COST_ARGS ?= --rounds 3 --duration 5 --workers 2,4
+bench-cost: install system
+	$(PY) -m bench.cost $(COST_ARGS)
+
 # A simulated fleet of N edge boxes (half dgpu, half Jetson) on the rig's Docker-in-Docker hosts (README, "Fleet").
 N ?= 20
 FLEET ?= vilms-fleet
@@ -83,8 +88,25 @@ fleet-rollout: install
 fleet-down:
 	$(PY) -m devkit.fleet down --prefix $(FLEET)
 
+# The gateway image for Jetsons (linux/arm64) as a `docker save` archive, built on any controller without emulation
+# (debootstrap --foreign + pip --platform): .cache/images/gateway-arm64.tar. Needs root, debootstrap, PyPI or a mirror.
+image-arm64: install
+	$(PY) gateway/cross_image.py --arch arm64 --tag vilms/gateway:0.1.0 --out .cache/images/gateway-arm64.tar
+
+# Preflight render of a HOSTS-box fleet in one process vs one process per host (bench/results/preflight.md).
+HOSTS ?= 500
+bench-preflight: install
+	$(PY) -m bench.preflight --hosts $(HOSTS)
+
 fleet-bench: install system
 	$(FLEET_ENV) $(PY) -m bench.fleet --n $(N)
 
 clean: demo-down
 	rm -rf .cache/demo .pytest_cache
+
+# The Ansible collection vilms.fleet (dist/vilms-fleet-<version>.tar.gz) and the vilms wheel beside it: what
+# execution-environment.yml ships (docs/_incoming/collection.md).
+.PHONY: collection
+collection: install
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path dist/
+	$(PY) -m pip wheel --no-deps --wheel-dir dist/ .
