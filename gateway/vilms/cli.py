@@ -423,6 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_retag)
 
+    _deploy_parsers(sub)
+    p = sub.add_parser("schema", help="the config JSON Schema shipped in the installed package")
+    p.add_argument("--path", action="store_true", help="print the file's path instead of its content")
+    p.set_defaults(func=cmd_schema)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _deploy_parsers(sub: Any) -> None:
+    """The commands that serve, compose, ship and plan (validate/render/retag are above)."""
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", default=None, help=f"config.yaml (default: ${CONFIG_ENV})")
     p.add_argument("--host", default=None)
@@ -459,13 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accept-tight-fit", action="store_true", help="as host.accept-tight-fit: true")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("schema", help="the config JSON Schema shipped in the installed package")
-    p.add_argument("--path", action="store_true", help="print the file's path instead of its content")
-    p.set_defaults(func=cmd_schema)
-
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 if __name__ == "__main__":

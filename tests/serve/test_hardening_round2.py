@@ -123,7 +123,16 @@ def bad_engine() -> Starlette:
             yield b'{"error": "lost redis.internal at 10.1.2.3:6379 reading /srv/models/x.bin"}\n'
         return StreamingResponse(failing(), media_type="application/x-ndjson")
 
+    async def completions(request: Request) -> StreamingResponse:
+        async def failing():  # vLLM reports a failure mid-stream as an SSE event with an error object
+            yield b'data: {"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": "hi"}]}\n\n'
+            yield (b'data: {"error": {"object": "error", "message": "worker at 10.1.2.3:6379 failed reading '
+                   b'/srv/models/x.bin via http://redis.internal:9000/", "type": "InternalServerError", '
+                   b'"code": 500}}\n\ndata: [DONE]\n\n')
+        return StreamingResponse(failing(), media_type="text/event-stream")
+
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/v1/completions", completions, methods=["POST"]),
                              Route("/api/chat", ollama_chat, methods=["POST"]),
                              Route("/api/generate", ollama_generate, methods=["POST"])])
 
@@ -175,6 +184,22 @@ def test_ollama_completions_stream_error_is_scrubbed(misbehaving):
         wait_until(lambda: running_gauge(gw.url) == 0)
 
 
+def test_passed_through_stream_error_event_is_scrubbed(misbehaving):
+    """Old code relayed an OpenAI-compatible engine's stream byte for byte, its error events too: the host, address
+    and model path a vLLM worker names in one reached the caller."""
+    config = {"serving": {"engine": "openai", "base-url": misbehaving.url, "models": [{"name": "a"}]}}
+    with gateway(config) as gw:
+        response = httpx.post(gw.url + "/v1/completions", json={"model": "a", "prompt": "hi", "stream": True},
+                              timeout=30)
+        assert response.status_code == 200
+        events = [orjson.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+        assert events[0]["choices"][0]["text"] == "hi"  # the rest of the stream is relayed as it was
+        assert events[-1]["error"]["code"] == 500 and "failed reading" in events[-1]["error"]["message"]
+        for secret in ("10.1.2.3", "6379", "/srv/models", "redis.internal"):
+            assert secret not in response.text, response.text
+        assert response.text.endswith("data: [DONE]\n\n")
+
+
 # --- every route cancels its upstream call when the caller leaves -----------------------------------------------
 
 class HangingEngine:
@@ -186,7 +211,7 @@ class HangingEngine:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
@@ -512,3 +537,18 @@ def test_huge_tool_and_message_lists_are_refused_before_validation(backend, path
         error = assert_envelope(response, 400)
         assert error["param"] == param and "gateway.max-" in error["message"], error
     assert backend.backend.stats["requests"] == 0
+
+
+def test_an_error_event_cut_across_chunks_is_scrubbed_whole():
+    """The relay sees whatever the socket delivered: an error event split mid-message must not leak its first part."""
+    from vilms.serve.engines.base import ErrorEvents
+
+    event = (b'data: {"error": {"message": "worker 10.1.2.3:6379 lost /srv/models/x.bin", "code": 500}}\n\n'
+             b"data: [DONE]\n\n")
+    for cut in range(1, len(event)):
+        errors = ErrorEvents()
+        out = errors(b'data: {"choices": []}\n\n' + event[:cut]) + errors(event[cut:]) + errors.flush()
+        assert errors(b'data: {"choices": [{"text": "\\"error\\""}]}\n\n') == b'data: {"choices": [{"text": "\\"error\\""}]}\n\n'
+        assert b"10.1.2.3" not in out and b"/srv/models" not in out, (cut, out)
+        assert out.startswith(b'data: {"choices": []}\n\n') and out.endswith(b"data: [DONE]\n\n"), (cut, out)
+        assert orjson.loads(out.split(b"\n\n")[1][6:])["error"]["code"] == 500, (cut, out)

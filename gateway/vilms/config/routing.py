@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from vilms.config.adapters import adapter_issues, adapter_spec, all_adapters
@@ -95,6 +95,11 @@ class Route:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def in_gateway(self) -> bool:
+        """Run by the gateway process itself (engine: local), not behind an engine URL."""
+        return self.engine == "local"
 
 
 def chat_engine(config: Config, spec: ModelSpec) -> str:
@@ -294,6 +299,21 @@ def _alias_edges(config: Config) -> Iterable[tuple[str, str]]:
 def semantic_issues(config: Config) -> list[ConfigIssue]:
     """Rules the schema cannot express: duplicates, alias conflicts and loops, engine/type fit, reachability."""
     issues: list[ConfigIssue] = []
+    models = _model_names(config, issues)
+    definitions = _alias_definitions(config)
+    issues += _alias_clashes(definitions, models)
+    issues += _alias_chains(definitions, models)
+    for spec in config.models:
+        issues += _engine_fit(config, spec)
+    issues.extend(stack_service_issues(config))
+    issues += cuda_issues(config, any(s.kind == "vllm" for s in stack_services(config)))
+    issues += adapter_issues(config, lambda spec: chat_engine(config, spec))
+    issues += _setting_issues(config)
+    return issues
+
+
+def _model_names(config: Config, issues: list[ConfigIssue]) -> dict[str, ModelSpec]:
+    """Every model and adapter by name; a name defined twice is an issue (the first definition wins)."""
     models: dict[str, ModelSpec] = {}
     for spec in config.models:
         if spec.name in models:
@@ -305,8 +325,11 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
             issues.append(ConfigIssue(f"{adapter.pointer}/name", f"adapter name {adapter.name!r} is already a model "
                                       "or adapter name", f"first definition at {models[adapter.name].pointer}"))
         models.setdefault(adapter.name, adapter_spec(base, adapter))
+    return models
 
-    # Where each alias is defined, to report conflicts rather than let one silently win.
+
+def _alias_definitions(config: Config) -> dict[str, list[tuple[str, str]]]:
+    """Where each alias is defined (target, pointer), to report conflicts rather than let one silently win."""
     definitions: dict[str, list[tuple[str, str]]] = {}
     for alias, target in config.global_aliases.items():
         definitions.setdefault(alias, []).append((target, f"/model-aliases/{alias}"))
@@ -317,22 +340,29 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
     for _, adapter in all_adapters(config):
         for i, alias in enumerate(adapter.aliases):
             definitions.setdefault(alias, []).append((adapter.name, f"{adapter.pointer}/aliases/{i}"))
+    return definitions
 
+
+def _alias_clashes(definitions: dict[str, list[tuple[str, str]]], models: Mapping[str, Any]) -> list[ConfigIssue]:
+    issues = []
     for alias, defs in definitions.items():
         if alias in models:
             issues.append(ConfigIssue(defs[0][1], f"alias {alias!r} has the same name as a model",
                                       "rename the alias; a model name cannot also be an alias"))
             continue
-        targets = {t for t, _ in defs}
-        if len(targets) > 1:
+        if len({t for t, _ in defs}) > 1:
             places = "; ".join(f"{w} -> {t!r}" for t, w in defs)
             issues.append(ConfigIssue(defs[1][1], f"alias {alias!r} is defined with different targets: {places}",
                                       "keep one definition"))
+    return issues
 
+
+def _alias_chains(definitions: dict[str, list[tuple[str, str]]], models: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Loops are errors; an alias that ends nowhere is a warning (the seed allowed it: harmless until named)."""
+    issues = []
     edges = {alias: defs[0][0] for alias, defs in definitions.items() if alias not in models}
     for alias, (target, where) in ((a, d[0]) for a, d in definitions.items() if a not in models):
-        chain = [alias]
-        node = target
+        chain, node = [alias], target
         while node in edges and node not in models:
             if node in chain:
                 loop = " -> ".join(chain[chain.index(node):] + [node])
@@ -341,34 +371,38 @@ def semantic_issues(config: Config) -> list[ConfigIssue]:
             chain.append(node)
             node = edges[node]
         else:
-            if node not in models:  # dangling, as the seed allowed: harmless until named, then a plain 404
+            if node not in models:
                 issues.append(ConfigIssue(where, f"alias {alias!r} points to {node!r}, which this config does not serve: "
                                                  "it is left out of /v1/models and a request naming it gets 404 "
                                                  "model_not_found",
                                           ("known models: " + ", ".join(sorted(models))) if models
                                           else "no models configured", severity="warning"))
+    return issues
 
-    for spec in config.models:
-        issues += stream_issues(spec.pointer, spec.params)
-        if spec.is_embedding or is_reranker(spec):
-            engine = embedding_engine(spec)
-            if engine == "local" and not (spec.path or spec.name):
-                issues.append(ConfigIssue(spec.pointer, f"local {spec.type} model needs a name or path"))
-            if is_reranker(spec) and engine == "ollama":
-                issues.append(ConfigIssue(f"{spec.pointer}/engine", "Ollama has no rerank API",
-                                          "serve rerankers locally (engine: local, with path) or on vllm/openai"))
-        else:
-            engine = chat_engine(config, spec)
-            if spec.engine == "local":
-                issues.append(ConfigIssue(f"{spec.pointer}/engine", "engine 'local' serves embedding models only",
-                                          "use ollama, vllm or openai for chat models"))
-        if engine == "openai" and not engine_urls(config, spec, engine):
-            issues.append(ConfigIssue(spec.pointer, f"model {spec.name!r} uses an OpenAI-compatible engine with no URL",
-                                      "set base-url on the model, or serving.base-url with serving.engine: openai"))
 
-    issues.extend(stack_service_issues(config))
-    issues += cuda_issues(config, any(s.kind == "vllm" for s in stack_services(config)))
-    issues += adapter_issues(config, lambda spec: chat_engine(config, spec))
+def _engine_fit(config: Config, spec: ModelSpec) -> list[ConfigIssue]:
+    """One model's engine against its type, and an OpenAI-compatible engine's URL."""
+    issues = stream_issues(spec.pointer, spec.params)
+    if spec.is_embedding or is_reranker(spec):
+        engine = embedding_engine(spec)
+        if engine == "local" and not (spec.path or spec.name):
+            issues.append(ConfigIssue(spec.pointer, f"local {spec.type} model needs a name or path"))
+        if is_reranker(spec) and engine == "ollama":
+            issues.append(ConfigIssue(f"{spec.pointer}/engine", "Ollama has no rerank API",
+                                      "serve rerankers locally (engine: local, with path) or on vllm/openai"))
+    else:
+        engine = chat_engine(config, spec)
+        if spec.engine == "local":
+            issues.append(ConfigIssue(f"{spec.pointer}/engine", "engine 'local' serves embedding models only",
+                                      "use ollama, vllm or openai for chat models"))
+    if engine == "openai" and not engine_urls(config, spec, engine):
+        issues.append(ConfigIssue(spec.pointer, f"model {spec.name!r} uses an OpenAI-compatible engine with no URL",
+                                  "set base-url on the model, or serving.base-url with serving.engine: openai"))
+    return issues
+
+
+def _setting_issues(config: Config) -> list[ConfigIssue]:
+    issues = []
     emb = config.embedding
     if emb.get("enabled") and not emb.get("model"):
         issues.append(ConfigIssue("/embedding", "embedding.enabled is true but embedding.model is not set",

@@ -49,7 +49,7 @@ class Guard:
         for name, route in router.routes.items():
             self.policies[name] = request_policy(route.spec.params, route.engine, gw)
             self.part_types[name] = frozenset(media["part-types"].get(route.engine, ("text", "image_url")))
-            if route.engine == "local":
+            if route.in_gateway:
                 continue
             backend = (route.engine, route.base_urls)
             if backend not in shared:  # one limiter per engine service, shared by the models it serves
@@ -115,31 +115,3 @@ class Guard:
 
     def close(self) -> None:
         self.decoder.close()
-
-
-class Admitted:
-    """A request the guard let in (key, content type, body budget): the per-model checks it still owes.
-
-    The routes beyond chat and embeddings (responses, completions, rerank) get one, so they keep the same
-    model scope, operator caps, part types, image limits and backend slots as chat without repeating them.
-    """
-
-    def __init__(self, guard: Guard, key: ApiKey | None):
-        self.guard, self.key = guard, key
-
-    def not_found(self, asked: str, kind: str | None = None) -> ModelNotFound:
-        return self.guard.not_found(self.key, asked, kind)
-
-    @property
-    def owner(self) -> str:
-        """Whose share of the shared pools (decode, fetch, body budget) this request uses."""
-        return self.key.name if self.key is not None else ""
-
-    def allow(self, route: Route, asked: str) -> None:
-        self.guard.allow_model(self.key, route, asked)
-
-    def policy(self, route: Route) -> RequestPolicy:
-        return self.guard.policies[route.name]
-
-    async def slot(self, route: Route, obs: Observation) -> None:
-        await self.guard.slot(route, obs)

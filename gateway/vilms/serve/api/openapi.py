@@ -167,6 +167,18 @@ _ERRORS = {"400": "invalid request", "401": "missing or invalid API key", "403":
            "503": "engine unreachable or gateway overloaded", "504": "engine timeout"}
 
 
+def _drop_fastapi_validation(paths: dict[str, Any], components: dict[str, Any]) -> None:
+    """FastAPI adds a 422 and query parameters for handlers with parameters; the gateway answers 400 itself."""
+    for path in paths.values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+            kept = [p for p in operation.pop("parameters", []) if p.get("in") == "path"]
+            if kept:  # /v1/models/{model_id}: the one path parameter the gateway takes
+                operation["parameters"] = kept
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+
+
 def describe(app: FastAPI, router: Router) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -188,14 +200,9 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
 
     post_errors = ("400", "401", "403", "404", "408", "413", "415", "429", "499", "500", "502", "503", "504")
     paths = schema["paths"]
-    chat = paths["/v1/chat/completions"]["post"]
-    chat["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(ChatRequest)}}}
-    chat["responses"] = responses({"application/json": {"schema": ref(ChatCompletion)},
-                                   "text/event-stream": {"schema": _SSE_EVENT}}, *post_errors)
-    emb = paths["/v1/embeddings"]["post"]
-    emb["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(EmbeddingRequest)}}}
-    emb["responses"] = responses({"application/json": {"schema": ref(EmbeddingList)}}, *post_errors)
-    for path, request, answer, stream in (("/v1/responses", ResponsesRequest, ResponseObject, True),
+    for path, request, answer, stream in (("/v1/chat/completions", ChatRequest, ChatCompletion, True),
+                                          ("/v1/embeddings", EmbeddingRequest, EmbeddingList, False),
+                                          ("/v1/responses", ResponsesRequest, ResponseObject, True),
                                           ("/v1/completions", CompletionRequest, TextCompletion, True),
                                           ("/v1/rerank", RerankRequest, RerankList, False),
                                           ("/rerank", RerankRequest, RerankList, False)):
@@ -213,14 +220,7 @@ def describe(app: FastAPI, router: Router) -> dict[str, Any]:
     ready["503"] = {"description": "no engine ready", "content": {"application/json": {"schema": ref(Readiness)}}}
     paths["/health/ready"]["get"]["responses"] = ready
     paths["/metrics"]["get"]["responses"] = responses({"text/plain": {"schema": {"type": "string"}}}, "401", "403")
-    for path in paths.values():  # FastAPI adds a 422 for handlers with parameters; the gateway answers 400
-        for operation in path.values():
-            operation.get("responses", {}).pop("422", None)
-            kept = [p for p in operation.pop("parameters", []) if p.get("in") == "path"]
-            if kept:  # /v1/models/{model_id}: the one path parameter the gateway takes
-                operation["parameters"] = kept
-    components.pop("HTTPValidationError", None)
-    components.pop("ValidationError", None)
+    _drop_fastapi_validation(paths, components)
     for model, kind in (("ChatRequest", "chat"), ("EmbeddingRequest", "embedding"), ("ResponsesRequest", "chat"),
                         ("CompletionRequest", "chat"), ("RerankRequest", "reranker")):
         # the names this gateway serves (any other is a 404): a fuzzer then reaches the engines

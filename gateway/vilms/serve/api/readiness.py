@@ -15,17 +15,13 @@ Generic OpenAI-compatible servers are judged by their /v1/models answering: prox
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-import aiohttp
-
 from vilms.config.routing import Route, Router
+from vilms.serve.engines.base import Engine, Listing
 
-PROBE_TIMEOUT = 2.0
 READY_STATES = ("ready", "loadable")
-LIST_PATHS = {"ollama": "/api/tags", "vllm": "/v1/models", "openai": "/v1/models"}
 MODEL_FILES = ("modules.json", "config_sentence_transformers.json", "config.json")
 
 
@@ -36,48 +32,12 @@ class LocalRunner(Protocol):
     model: Any
 
 
-@dataclass(frozen=True)
-class Listing:
-    """What one engine endpoint said: reachable, and the model names it lists (None = not judged by name)."""
-
-    reachable: bool
-    names: frozenset[str] | None = None
-
-
-def ollama_name(name: str) -> str:
-    """Ollama lists `llama3` as `llama3:latest`."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-async def fetch_listing(session: aiohttp.ClientSession, engine: str, urls: tuple[str, ...]) -> Listing:
-    """The first URL that answers; its model list for the engines the stack runs (Ollama tags, vLLM ids)."""
-    for url in urls:
-        try:
-            timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-            async with session.get(url + LIST_PATHS[engine], timeout=timeout) as response:
-                if response.status != 200:
-                    continue
-                if engine == "openai":
-                    return Listing(True)
-                data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            continue
-        try:
-            rows = data["models"] if engine == "ollama" else data["data"]
-            key = "name" if engine == "ollama" else "id"
-            return Listing(True, frozenset(ollama_name(r[key]) if engine == "ollama" else r[key] for r in rows))
-        except (KeyError, TypeError):
-            return Listing(True, frozenset())
-    return Listing(False)
-
-
-def route_state(route: Route, listing: Listing) -> str:
+def route_state(route: Route, engine: Engine, listing: Listing) -> str:
     if not listing.reachable:
         return "unreachable"
     if listing.names is None:
         return "ready"
-    wanted = ollama_name(route.name) if route.engine == "ollama" else route.name
-    return "ready" if wanted in listing.names else "missing"
+    return "ready" if engine.listed_name(route.name) in listing.names else "missing"
 
 
 def files_present(source: str) -> bool:
@@ -114,16 +74,17 @@ def _aliases(router: Router) -> dict[str, list[str]]:
     return out
 
 
-async def model_report(router: Router, session: aiohttp.ClientSession, local: Mapping[str, LocalRunner],
+async def model_report(router: Router, engines: Mapping[str, Engine], local: Mapping[str, LocalRunner],
                        load_errors: Mapping[str, str]) -> dict[str, Any]:
-    """{"status", "models": [{model, type, engine, aliases, state, ready}], "backends": [...]}, probes concurrent."""
+    """{"status", "models": [{model, type, engine, aliases, state, ready}], "backends": [...]}, probes concurrent:
+    each engine adapter lists its own models (Engine.listing)."""
     groups = [(key, routes) for key, routes in router.engines().items() if key[0] != "local"]
-    listings = await asyncio.gather(*(fetch_listing(session, engine, urls) for (engine, urls), _ in groups))
+    listings = await asyncio.gather(*(engines[engine].listing(urls) for (engine, urls), _ in groups))
     states: dict[str, str] = {}
     backends = []
     for ((engine, _), routes), listing in zip(groups, listings):
         for route in routes:
-            states[route.name] = route_state(route, listing)
+            states[route.name] = route_state(route, engines[engine], listing)
         backends.append({"engine": engine, "models": [r.name for r in routes], "ready": listing.reachable})
     runners = list(local.items())
     for (name, _), state in zip(runners, await asyncio.gather(

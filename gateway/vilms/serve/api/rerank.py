@@ -7,32 +7,25 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from vilms.serve.engines import ChatCall
-from vilms.errors import BadRequest
-from vilms.serve.observe import Observation
-from vilms.serve.rerank import RerankRequest, document_texts, rerank_body
 from vilms.config.params import enforce_policy, refused_fields
-from vilms.serve.api.guard import Admitted
+from vilms.serve.engines import ChatCall
+from vilms.serve.rerank import RerankRequest, document_texts, rerank_body
+from vilms.serve.api.pipeline import Admitted
 from vilms.serve.api.requests import validated
-from vilms.serve.api.state import GatewayState
 
 
-async def handle(body: dict[str, Any], state: GatewayState, obs: Observation, admitted: Admitted) -> Response:
+async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
     parsed = validated(RerankRequest, body)
     texts = document_texts(parsed.documents)
-    route = state.router.resolve(parsed.model)
-    if route is None:
-        raise admitted.not_found(parsed.model, "reranker")
-    if route.spec.type != "reranker":
-        raise BadRequest(f"{parsed.model!r} is a {route.spec.type} model, not a reranker", param="model")
-    admitted.allow(route, parsed.model)
-    obs.bind(route.name, route.engine)
-    await admitted.slot(route, obs)
-    if route.engine != "local":  # passed through: the same refusal list as every route
+    route = admitted.resolve(parsed.model, "reranker", "/v1/rerank")
+    await admitted.slot(route)
+    state = admitted.state
+    local = state.rerankers.get(route.name)
+    if local is None:  # passed through: the same refusal list as every route
         enforce_policy(refused_fields(body), None, admitted.policy(route))
-        call = ChatCall(route, {**body, "model": route.name}, obs)
-        return await state.engines[route.engine].forward(call, "/v1/rerank")
-    scores, tokens = await state.rerankers[route.name].score(parsed.query, texts)
-    obs.finish(200)
+        call = ChatCall(route, {**body, "model": route.name}, admitted.obs)
+        return await admitted.engine(route).forward(call, "/v1/rerank")
+    scores, tokens = await local.score(parsed.query, texts)
+    admitted.obs.finish(200)
     return Response(orjson.dumps(rerank_body(parsed.model, parsed, texts, scores, tokens)),
                     media_type="application/json")

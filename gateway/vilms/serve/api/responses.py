@@ -1,6 +1,6 @@
 """POST /v1/responses, stateless: forwarded to engines that have the route, else served through chat.
 
-vLLM / OpenAI-compatible engines get the request at their own /v1/responses (model renamed, defaults filled,
+Engines that serve the path themselves (`Engine.forwarded`: vLLM, OpenAI-compatible) get the request at their own /v1/responses (model renamed, defaults filled,
 images checked as chat checks them); an engine without that route (404/405, e.g. llama.cpp's server) and
 Ollama get it translated to a chat request (engines/responses_bridge.py) and the answer translated back.
 """
@@ -13,20 +13,16 @@ import orjson
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from starlette.responses import Response
 
+from vilms.config.params import clamp_tokens, enforce_policy, refused_fields, request_stream
+from vilms.config.routing import Route
+from vilms.errors import BackendError, BadRequest, GatewayError
+from vilms.serve.bridges.responses import StreamTranslator, chat_request, check_stateless, response_object
 from vilms.serve.engines import ChatCall
 from vilms.serve.engines.base import sse_response
-from vilms.serve.bridges.responses import StreamTranslator, chat_request, check_stateless, response_object
-from vilms.errors import BackendError, BadRequest, GatewayError
-from vilms.serve.media import inspect_content, prepare_images
-from vilms.serve.observe import Observation
-from vilms.config.params import apply_defaults, clamp_tokens, enforce_policy, refused_fields, request_stream
-from vilms.config.routing import Route
-from vilms.serve.api.guard import Admitted
+from vilms.serve.api.pipeline import Admitted
 from vilms.serve.api.requests import ChatRequest, ToolsLimited, counted_list, validated
-from vilms.serve.api.served import chat_route
-from vilms.serve.api.state import GatewayState
 
-_PASS_THROUGH = ("vllm", "openai")
+PATH = "/v1/responses"
 _NO_ROUTE = (404, 405)
 
 
@@ -54,27 +50,25 @@ class ResponsesRequest(ToolsLimited):
         return handler(value)
 
 
-async def handle(body: dict[str, Any], state: GatewayState, obs: Observation, admitted: Admitted) -> Response:
+async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
     parsed = validated(ResponsesRequest, body, admitted.guard.context)
     check_stateless(body)
-    route = chat_route(state, parsed.model, obs, "/v1/responses", admitted)
-    policy = admitted.policy(route)
-    enforce_policy(refused_fields(body), body.get("n"), policy)
+    route = admitted.resolve(parsed.model, "chat", "/v1/responses")
+    enforce_policy(refused_fields(body), body.get("n"), admitted.policy(route))
     if "stream" in body:  # forward what was validated ("false" as a string must not reach the engine)
         body["stream"] = bool(parsed.stream)
-    request_stream(body, state.extras[route.name].stream)  # both paths below read body["stream"]
-    await admitted.slot(route, obs)
-    if route.engine in _PASS_THROUGH:
-        forwarded = await _forward(state, route, body, obs, admitted)
+    request_stream(body, admitted.state.extras[route.name].stream)  # both paths below read body["stream"]
+    await admitted.slot(route)
+    if PATH in admitted.engine(route).forwarded:
+        forwarded = await _forward(route, body, admitted)
         if forwarded is not None:
             return forwarded
-    return await _through_chat(state, route, body, obs, admitted)
+    return await _through_chat(route, body, admitted)
 
 
-async def _forward(state: GatewayState, route: Route, body: dict[str, Any], obs: Observation,
-                   admitted: Admitted) -> Response | None:
+async def _forward(route: Route, body: dict[str, Any], admitted: Admitted) -> Response | None:
     """The engine's own /v1/responses; None when it has no such route (nothing was generated)."""
-    extras = state.extras[route.name]
+    extras = admitted.state.extras[route.name]
     forwarded = {**body, "model": route.name}
     for key in ("temperature", "top_p"):
         if forwarded.get(key) is None and extras.defaults.get(key) is not None:
@@ -83,10 +77,10 @@ async def _forward(state: GatewayState, route: Route, body: dict[str, Any], obs:
         forwarded["max_output_tokens"] = extras.max_tokens
     forwarded.setdefault("max_output_tokens", None)  # absent: the operator's ceiling holds on every route
     clamp_tokens(forwarded, admitted.policy(route))
-    forwarded["input"] = await _checked_images(state, route, forwarded["input"], admitted)
-    call = ChatCall(route, forwarded, obs, stream=bool(body.get("stream")))
+    forwarded["input"] = await _checked_images(route, forwarded["input"], admitted)
+    call = ChatCall(route, forwarded, admitted.obs, stream=bool(body.get("stream")))
     try:
-        return await state.engines[route.engine].forward(call, "/v1/responses")
+        return await admitted.engine(route).forward(call, PATH)
     except GatewayError as exc:
         if exc.status in _NO_ROUTE:  # no such route on this engine: serve it through chat instead
             return None
@@ -108,7 +102,7 @@ def _parts_of(item: Any) -> tuple[str, list[Any]] | None:
     return None
 
 
-async def _checked_images(state: GatewayState, route: Route, items: Any, admitted: Admitted) -> Any:
+async def _checked_images(route: Route, items: Any, admitted: Admitted) -> Any:
     """Every input_image goes through the chat image checks (part types, image count, decode, verify, frame cap,
     resize) before the engine sees it; any other content part type is refused here (an engine would fetch its URL)."""
     if not isinstance(items, list):
@@ -130,10 +124,7 @@ async def _checked_images(state: GatewayState, route: Route, items: Any, admitte
             converted.append((i, key, {"role": "user", "content": parts}))
     if not converted:
         return items
-    guard, limits = admitted.guard, state.extras[route.name].image_limits
-    messages = [m for _, _, m in converted]
-    if inspect_content(messages, guard.part_types[route.name], limits.max_frames, guard.max_images):
-        messages = await prepare_images(messages, limits, state.fetcher, guard.decoder, admitted.owner)
+    messages = await admitted.images(route, [m for _, _, m in converted])
     out = list(items)
     for (i, key, _), prepared in zip(converted, messages):
         back = [{"type": "input_image", "image_url": p["image_url"]["url"], "detail": "auto"}
@@ -142,21 +133,14 @@ async def _checked_images(state: GatewayState, route: Route, items: Any, admitte
     return out
 
 
-async def _through_chat(state: GatewayState, route: Route, body: dict[str, Any], obs: Observation,
-                        admitted: Admitted) -> Response:
-    extras, guard = state.extras[route.name], admitted.guard
+async def _through_chat(route: Route, body: dict[str, Any], admitted: Admitted) -> Response:
     chat = chat_request(body)
-    validated(ChatRequest, chat, guard.context)  # the chat road's own checks, as if the caller had sent this chat
-    chat["model"] = route.name
-    apply_defaults(chat, extras.defaults, extras.max_tokens)
-    clamp_tokens(chat, admitted.policy(route))
-    limits = extras.image_limits
-    if inspect_content(chat["messages"], guard.part_types[route.name], limits.max_frames, guard.max_images):
-        chat["messages"] = await prepare_images(chat["messages"], limits, state.fetcher, guard.decoder,
-                                                admitted.owner)
+    validated(ChatRequest, chat, admitted.guard.context)  # the chat road's own checks, as if the caller sent this chat
+    admitted.fill(route, chat)
+    chat["messages"] = await admitted.images(route, chat["messages"])
     stream = bool(body.get("stream"))
-    call = ChatCall(route, chat, obs, stream=stream, include_usage=stream)
-    engine = state.engines[route.engine]
+    call = ChatCall(route, chat, admitted.obs, stream=stream, include_usage=stream)
+    engine = admitted.engine(route)
     answer = await engine.chat(call)
     if stream:
         # Observed like the engine's own stream: a caller gone before the body starts still finishes the request

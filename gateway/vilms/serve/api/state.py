@@ -71,7 +71,7 @@ class GatewayState:
                                          max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                          forward=settings.forward)
                      for name, route in router.routes.items()
-                     if route.spec.type == "reranker" and route.engine == "local"}
+                     if route.spec.type == "reranker" and route.in_gateway}
         return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras, rerankers=rerankers)
 
     async def start(self) -> None:
@@ -106,7 +106,7 @@ class GatewayState:
     async def readiness(self) -> dict[str, Any]:
         """Every configured model with its state; "ready" only when all are (see api/readiness.py)."""
         assert self.session is not None, "readiness is served only after start()"
-        return await model_report(self.router, self.session, self.local_runners(), self.embed_errors)
+        return await model_report(self.router, self.engines, self.local_runners(), self.embed_errors)
 
     def local_runners(self) -> dict[str, Any]:
         """Every model the gateway runs in-process, by name: readiness asks each whether it is loaded or loadable."""

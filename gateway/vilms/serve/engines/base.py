@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import aiohttp
+import orjson
 from starlette.responses import Response, StreamingResponse
 
-from vilms.errors import BackendError, BackendTimeout, BackendUnavailable, GatewayError, from_backend_status
+from vilms.errors import BackendError, BackendTimeout, BackendUnavailable, GatewayError, from_backend_status, scrub
 from vilms.serve.observe import Observation
 from vilms.config.routing import Route
 
@@ -34,6 +35,14 @@ class ChatCall:
     obs: Observation
     stream: bool = False
     include_usage: bool = False
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What one engine endpoint said: reachable, and the model names it lists (None = not judged by name)."""
+
+    reachable: bool
+    names: frozenset[str] | None = None
 
 
 @dataclass
@@ -61,7 +70,44 @@ class Engine(ABC):
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult: ...
 
     @abstractmethod
-    async def ready(self, base_url: str) -> bool: ...
+    async def complete(self, call: ChatCall) -> Response:
+        """POST /v1/completions (legacy text completion), in whatever form this engine takes it."""
+
+    list_path = "/v1/models"
+    forwarded: frozenset[str] = frozenset()  # OpenAI paths this engine serves itself (the request passes through)
+
+    async def forward(self, call: ChatCall, path: str) -> Response:
+        """POST the body to the engine's own `path`; engines that translate instead have no such route (404)."""
+        raise GatewayError(f"{self.kind} engine has no {path} route", status=404, code="model_not_found_on_engine")
+
+    lists_names = False  # False: the engine is judged by `list_path` answering alone (proxies list names their way)
+
+    def listed(self, data: Any) -> frozenset[str]:
+        """The model names in the engine's answer at `list_path`."""
+        raise NotImplementedError
+
+    def listed_name(self, name: str) -> str:
+        """How this engine lists a model the config names (Ollama adds `:latest`)."""
+        return name
+
+    async def listing(self, urls: tuple[str, ...]) -> Listing:
+        """What the first URL that answers lists; readiness judges each model by it."""
+        for url in urls:
+            try:
+                async with self.session.get(url + self.list_path,
+                                            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
+                    if response.status != 200:
+                        continue
+                    if not self.lists_names:
+                        return Listing(True)
+                    data = await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+            try:
+                return Listing(True, self.listed(data))
+            except (KeyError, TypeError):
+                return Listing(True, frozenset())
+        return Listing(False)
 
     async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> aiohttp.ClientResponse:
         """POST to the first reachable URL and return the unread response, status checked.
@@ -136,10 +182,13 @@ class Engine(ABC):
         status, note, complete = 200, "", False
         try:
             async for data in upstream.content.iter_any():
-                out = translate(data) if translate else data
+                out = translate(data) if translate is not None else data
                 if out:
                     call.obs.chunk()
                     yield out
+            last = getattr(translate, "flush", None)
+            if last is not None and (out := last()):  # a line the engine ended without a newline
+                yield out
             complete = True
         except GatewayError as exc:
             call.obs.upstream_error("stream")
@@ -187,13 +236,6 @@ class Engine(ABC):
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not answer within {self.total_timeout:g}s") from exc
 
-    async def probe(self, url: str) -> bool:
-        try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
-
 
 class LineBuffer:
     """Splits an engine's stream at `sep`, holding at most `limit` bytes of an unfinished line (else a 502).
@@ -228,6 +270,47 @@ class LineBuffer:
     def _too_long(self) -> GatewayError:
         return BackendError(f"{self.kind} engine sent a stream line longer than {self.limit} bytes "
                             "(gateway.max-reply-line-bytes)", code="engine_reply_too_large")
+
+
+class ErrorEvents:
+    """An engine's own SSE stream relayed as is, except its error events: their message loses hosts, addresses and
+    paths, as every other error the gateway sends does.
+
+    Lines are relayed whole: a line the socket split is held until its newline arrives (engines end every event
+    with one, so this is rare and brief; at most `limit` bytes), so no part of an error event goes out unscrubbed.
+    Only chunks holding `"error"` are parsed (a JSON string inside generated text is escaped, `\\"error\\"`)."""
+
+    def __init__(self, limit: int = MAX_LINE_BYTES):
+        self.carry, self.limit = b"", limit
+
+    def __call__(self, data: bytes) -> bytes:
+        if self.carry:
+            data, self.carry = self.carry + data, b""
+        if not data.endswith(b"\n"):
+            head, sep, tail = data.rpartition(b"\n")
+            if len(tail) <= self.limit:
+                data, self.carry = head + sep, tail
+        return b"\n".join(self.scrubbed(line) for line in data.split(b"\n")) if b'"error"' in data else data
+
+    def flush(self) -> bytes:
+        """The engine's last line, when it ended without a newline."""
+        out, self.carry = self.scrubbed(self.carry), b""
+        return out
+
+    @staticmethod
+    def scrubbed(line: bytes) -> bytes:
+        if b'"error"' not in line:
+            return line
+        try:
+            event = orjson.loads(line[6:] if line.startswith(b"data: ") else line)
+        except orjson.JSONDecodeError:  # never relayed unread: an unreadable line naming an error becomes one
+            return b"data: " + BackendError("engine stream error", code="engine_error").body()
+        error = event.get("error") if isinstance(event, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            error["message"] = scrub(error["message"])
+        elif isinstance(error, str):
+            event["error"] = scrub(error)
+        return b"data: " + orjson.dumps(event)
 
 
 def request_headers(obs: Observation) -> dict[str, str]:

@@ -6,16 +6,10 @@ import time
 import uuid
 from typing import Any
 
-import orjson
-from starlette.responses import Response
-
-from vilms.errors import BackendError, BadRequest, scrub
-from vilms.serve.engines.base import MAX_LINE_BYTES, ChatCall, Engine, LineBuffer, sse_response
+from vilms.errors import BadRequest
+from vilms.serve.engines.base import MAX_LINE_BYTES, ChatCall
+from vilms.serve.engines.ollama_lines import OPTIONS, NdjsonToSse, usage
 from vilms.serve.engines.ollama_tools import MAX_TOP_LOGPROBS
-
-_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-            "repeat_penalty": "repeat_penalty", "num_ctx": "num_ctx", "min_p": "min_p"}
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -34,7 +28,7 @@ def generate_request(body: dict[str, Any], stream: bool) -> dict[str, Any]:
         raise BadRequest("the ollama engine returns one choice per request; n and best_of must be 1", param="n")
     if body.get("echo"):
         raise BadRequest("echo is not supported by the ollama engine", param="echo")
-    options = {dst: body[src] for src, dst in _OPTIONS.items() if body.get(src) is not None}
+    options = {dst: body[src] for src, dst in OPTIONS.items() if body.get(src) is not None}
     if body.get("max_tokens") is not None:
         options["num_predict"] = body["max_tokens"]
     if body.get("stop") is not None:
@@ -69,11 +63,6 @@ def legacy_logprobs(items: list[dict[str, Any]] | None, offset: int = 0) -> dict
             "text_offset": offsets}
 
 
-def _usage(line: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = int(line.get("prompt_eval_count") or 0), int(line.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _finish(line: dict[str, Any]) -> str:
     return "length" if line.get("done_reason") == "length" else "stop"
 
@@ -82,59 +71,29 @@ def _head(model: str) -> dict[str, Any]:
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
 
 
-def _line(raw: bytes) -> dict[str, Any]:
-    try:
-        line = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BackendError("ollama engine sent a line that is not JSON", code="engine_error") from exc
-    if not isinstance(line, dict):
-        raise BackendError("ollama engine returned an answer of unknown shape")
-    if "error" in line:
-        raise BackendError(f"ollama engine error: {scrub(str(line['error'])[:500])}", code="engine_error")
-    return line
+def completion_answer(model: str, line: dict[str, Any]) -> dict[str, Any]:
+    """A whole (non-streamed) /api/generate answer as a text_completion."""
+    return {**_head(model), "choices": [{"index": 0, "text": line.get("response") or "", "finish_reason": _finish(line),
+                                         "logprobs": legacy_logprobs(line.get("logprobs"))}], "usage": usage(line)}
 
 
-class GenerateToSse:
-    """Ollama's NDJSON generate stream as OpenAI completion chunks, one event per Ollama line."""
+class CompletionChunks(NdjsonToSse):
+    """/api/generate lines as text_completion events, with the text offsets the legacy logprobs shape counts."""
 
     def __init__(self, call: ChatCall, max_line: int = MAX_LINE_BYTES):
-        self.call = call
-        self.lines = LineBuffer(max_line, "ollama")
+        super().__init__(call, _head(call.route.name), max_line)
         self.offset = 0
-        self.head = _head(call.route.name)
 
     def event(self, text: str, finish: str | None, logprobs: Any = None) -> bytes:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return b"data: " + orjson.dumps({**self.head, "choices": [choice]}) + b"\n\n"
+        return self.sse({"choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
-    def __call__(self, data: bytes) -> bytes:
-        out: list[bytes] = []
-        for raw in self.lines.feed(data):
-            if not raw.strip():
-                continue
-            line = _line(raw)
-            text = line.get("response") or ""
-            if text:
-                out.append(self.event(text, None, legacy_logprobs(line.get("logprobs"), self.offset)))
-                self.offset += len(text)
-            if line.get("done"):
-                out.append(self.event("", _finish(line)))
-                if self.call.include_usage:
-                    out.append(b"data: " + orjson.dumps({**self.head, "choices": [], "usage": _usage(line)}) + b"\n\n")
-                out.append(b"data: [DONE]\n\n")
-        return b"".join(out)
+    def line_events(self, line: dict[str, Any]) -> list[bytes]:
+        text = line.get("response") or ""
+        if not text:
+            return []
+        event = self.event(text, None, legacy_logprobs(line.get("logprobs"), self.offset))
+        self.offset += len(text)
+        return [event]
 
-
-async def ollama_complete(engine: Engine, call: ChatCall) -> Response:
-    payload = orjson.dumps(generate_request(call.body, call.stream))
-    urls = call.route.base_urls
-    if call.stream:
-        upstream = await engine.open_with_deadline(call.obs, urls, "/api/generate", payload)
-        return sse_response(engine.relay(call, upstream, GenerateToSse(call, engine.max_line)), call, upstream)
-    line = _line(await engine.post_json(call.obs, urls, "/api/generate", payload))
-    answer = {**_head(call.route.name),
-              "choices": [{"index": 0, "text": line.get("response") or "", "finish_reason": _finish(line),
-                           "logprobs": legacy_logprobs(line.get("logprobs"))}],
-              "usage": _usage(line)}
-    call.obs.finish(200)
-    return Response(orjson.dumps(answer), media_type="application/json")
+    def finish_event(self, line: dict[str, Any]) -> bytes:
+        return self.event("", _finish(line))

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from vilms.errors import BackendError, GatewayError
 from vilms.serve.observe import Observation
 from vilms.config.routing import Route
-from vilms.serve.engines.base import ChatCall, EmbedResult, Engine
+from vilms.serve.engines.base import ChatCall, EmbedResult, Engine, ErrorEvents
 
 SSE_RAW_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-accel-buffering", b"no"))
@@ -90,6 +90,9 @@ class OpenAICompatEngine(Engine):
         # vLLM logs the caller's x-request-id; a generic server may not take it (llama-cpp-python's answers a
         # non-UUID id with a bare 400), so only vLLM gets it.
         self.forwards_request_id = kind == "vllm"
+        self.lists_names = kind == "vllm"  # a generic server (a proxy, llama.cpp) is judged by answering alone
+
+    forwarded = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/rerank"})
 
     async def chat(self, call: ChatCall) -> Response:
         return await self.forward(call, "/v1/chat/completions")
@@ -103,7 +106,7 @@ class OpenAICompatEngine(Engine):
             call.obs.finish(200)
             return EngineJSON(body)
         upstream = await self.open_with_deadline(call.obs, urls, path, payload)
-        return RelayStream(self.relay(call, upstream), call.obs, upstream)
+        return RelayStream(self.relay(call, upstream, ErrorEvents(self.max_line)), call.obs, upstream)
 
     async def embed(self, route: Route, inputs: list[str], dimensions: int | None) -> EmbedResult:
         request: dict = {"model": route.name, "input": inputs, "encoding_format": "float"}
@@ -122,8 +125,11 @@ class OpenAICompatEngine(Engine):
             raise BackendError(f"{self.kind} engine returned {len(vectors)} vectors for {len(inputs)} inputs")
         return EmbedResult(vectors, tokens)
 
-    async def ready(self, base_url: str) -> bool:
-        return await self.probe(base_url + "/v1/models")
+    async def complete(self, call: ChatCall) -> Response:
+        return await self.forward(call, "/v1/completions")
+
+    def listed(self, data: Any) -> frozenset[str]:
+        return frozenset(row["id"] for row in data["data"])
 
 
 __all__ = ["OpenAICompatEngine", "GatewayError"]

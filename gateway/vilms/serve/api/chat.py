@@ -1,0 +1,23 @@
+"""POST /v1/chat/completions: the request as the caller sent it, model renamed and defaults filled, to the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import Response
+
+from vilms.config.params import enforce_policy
+from vilms.serve.api.pipeline import Admitted
+from vilms.serve.api.requests import ChatRequest, validated
+
+PATH = "/v1/chat/completions"
+
+
+async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
+    parsed = validated(ChatRequest, body, admitted.guard.context)
+    route = admitted.resolve(parsed.model, "chat", PATH)
+    enforce_policy(parsed.model_extra, parsed.n, admitted.policy(route))
+    admitted.fill(route, body)
+    body["messages"] = await admitted.images(route, body["messages"])
+    await admitted.slot(route)
+    return await admitted.engine(route).chat(admitted.generation(route, body, parsed.stream_options))
