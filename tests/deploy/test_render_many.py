@@ -57,3 +57,16 @@ def test_one_bad_host_stops_every_host_and_names_host_and_pointer(tmp_path):
     text = vilms("render", "--many", str(many_file(tmp_path, hosts)), "--out", str(tmp_path / "all"))
     assert text.returncode == 1 and "gpu-bad: error: /serving/models/0/type" in text.stderr
     assert "nothing written" in text.stderr
+
+
+def test_ipv6_inventory_names_render_and_paths_do_not(tmp_path):
+    """An inventory may name a host by its IPv6 address; a name that could leave OUT (`/`, `..`) is still refused."""
+    hosts = {"2001:db8::7": {"config": DGPU, "gpu": True}, "fd00:1::2": {"config": DGPU, "gpu": True}}
+    result = vilms("render", "--many", str(many_file(tmp_path, hosts)), "--out", str(tmp_path / "all"),
+                   "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "all" / "2001:db8::7" / "plan.json").is_file()
+    bad = {"a/b": {"config": DGPU}, "..": {"config": DGPU}}
+    report = json.loads(vilms("render", "--many", str(many_file(tmp_path, bad)), "--out", str(tmp_path / "bad"),
+                              "--format", "json").stdout)
+    assert report["failed"] == ["..", "a/b"] and not (tmp_path / "bad").exists()

@@ -21,7 +21,7 @@ from vilms.config.model import ConfigError
 from vilms.config.schema import ConfigIssue
 from vilms.deploy.plan import Render, render, write_render
 
-_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")  # also a safe directory name
+_HOST_NAME = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9._:-]{0,252}")  # also a safe directory name (IPv6 hosts too)
 
 
 @dataclass
