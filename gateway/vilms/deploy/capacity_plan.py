@@ -104,6 +104,7 @@ class HostPlan:
     warnings: list[str]
     remote: list[str]
     accept_tight_fit: bool
+    layers: list[str] = field(default_factory=list)   # the inventory's config layers, in merge order (--inventory)
 
     @property
     def verdict(self) -> str:
@@ -120,7 +121,8 @@ class HostPlan:
                 "unified_gib": _r(m.unified), "ram_gib": _r(m.ram), "os_reserve_gib": _r(m.reserve),
                 "pools": [p.as_dict() for p in self.pools], "models": [x.as_dict() for x in self.models],
                 "verdict": self.verdict, "accept_tight_fit": self.accept_tight_fit, "ok": self.ok,
-                "problems": self.problems, "warnings": self.warnings, "remote": self.remote}
+                "problems": self.problems, "warnings": self.warnings, "remote": self.remote,
+                **({"layers": self.layers} if self.layers else {})}
 
 
 def _r(value: float | None) -> float | None:
@@ -370,6 +372,8 @@ def render_text(plans: list[HostPlan]) -> str:
     for plan in plans:
         mem = plan.memory
         out.append(f"host {plan.host} ({mem.platform}): {mem.description}")
+        if plan.layers:
+            out.append("  layers: " + " <- ".join(plan.layers))
         out.append(f"  {'model':<40} {'engine':<7} {'estimate':>9} {'pool':<8} {'budget':>7} {'headroom':>9}  verdict")
         pools = {p.name: p for p in plan.pools}
         for line in plan.models:
