@@ -331,8 +331,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   gpu=not no_gpu)
     try:
         memory = host_memory(config, facts, memory_gb=args.memory_gb, gpus=args.gpus)
-    except ValueError as exc:
-        return fail([{"pointer": "/host", "message": str(exc), "hint": "", "severity": "error"}])
+    except ValueError as exc:  # no memory figure, or a declared one the probe contradicts
+        return fail([{"pointer": getattr(exc, "pointer", "/host"), "message": str(exc), "hint": "", "severity": "error"}])
     plan = plan_host(args.host or config.raw["host"].get("name") or "localhost", config, memory,
                      accept_tight_fit=True if args.accept_tight_fit else None)
     if args.format == "json":
