@@ -2,7 +2,7 @@
 name <- vilms_config_host; maps merge, lists are replaced, each layer templated for its host.
 
 Read through `effective_configs`, which is what `vilms plan --inventory` plans from: it runs vilms_preflight's own
-merge (tasks/effective.yml) with ansible-playbook, no host contacted. `community.general.merge_variables` would fail
+merge (tasks/effective.yml) with ansible-playbook, no host contacted; the preflight's render reads the same. `community.general.merge_variables` would fail
 the list assertions here (it appends the SKU's models to the fleet's); a merge in the order of the group tree would
 fail the `__90_late` one.
 """
@@ -10,12 +10,15 @@ fail the `__90_late` one.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.ansible.fleet_hosts import BIN
+from tests.ansible.fleet_hosts import BIN, ansible_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.ansible
 
@@ -90,10 +93,20 @@ def test_layers_merge_in_the_documented_order(tmp_path, env):
     assert {h: e["gpu"] for h, e in hosts.items()} == dict.fromkeys(config, True)
 
 
-def test_a_layer_that_is_not_a_map_is_named(tmp_path, env):
-    from vilms.deploy.capacity_inventory import effective_configs
+def test_a_layer_that_is_not_a_map_stops_its_host_in_both_paths(tmp_path, env):
+    """Left out of the merge and named: by `vilms plan --inventory` and by the preflight's render."""
+    from vilms.deploy.capacity_inventory import HostError, plan_inventory
 
     inventory = write_inventory(tmp_path, **{"host_vars/nx-1.yml": {"vilms_config__30_rack": ["not", "a", "map"]}})
-    with pytest.raises(ValueError) as caught:
-        effective_configs(str(inventory))
-    assert "nx-1: config layers must be maps (as in config.yaml): vilms_config__30_rack (merge order: " in str(caught.value)
+    expected = ("config layers must be maps (as in config.yaml): vilms_config__30_rack (merge order: vilms_config <- "
+                "vilms_config_group <- vilms_config__20_sku_nx <- vilms_config__30_rack <- vilms_config__50_empty <- "
+                "vilms_config__90_late)")
+    planned = {r.host: r for r in plan_inventory(str(inventory))}
+    assert isinstance(planned["nx-1"], HostError) and expected in planned["nx-1"].message
+    assert not isinstance(planned["nano-1"], HostError)  # the other hosts are planned
+    run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(ROOT / "site.yml"), "--tags", "preflight"],
+                         cwd=ROOT, env=ansible_env(tmp_path, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+                                                   ANSIBLE_ROLES_PATH=str(ROOT / "roles"), VILMS_FLEET_REPORT="off"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"nx-1: invalid model config: [/: {expected}]" in " ".join(run.stdout.split()), run.stdout[-3000:]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vilms.deploy.capacity_plan import Facts, HostPlan, host_memory, plan_host
+from vilms.deploy.many import layer_issues
 from vilms.config.model import ConfigError
 from vilms.config.load import build_config
 
@@ -115,7 +116,10 @@ def plan_inventory(path: str, limit: str | None = None, memory_gb: float | None 
         layers = list(entry.get("layers") or [])
         if not layers:
             continue
+        issues = layer_issues(entry)
         try:
+            if issues:
+                raise ConfigError(issues)
             config = build_config(entry["config"], source=f"{path}:{host}")
             memory = host_memory(config, Facts(gpu=bool(entry.get("gpu", True))), memory_gb, gpus)
         except ConfigError as exc:
