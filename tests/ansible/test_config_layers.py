@@ -110,3 +110,23 @@ def test_a_layer_that_is_not_a_map_stops_its_host_in_both_paths(tmp_path, env):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert f"nx-1: invalid model config: [/: {expected}]" in " ".join(run.stdout.split()), run.stdout[-3000:]
+
+
+def test_vaulted_values_resolve_with_the_vault_password(tmp_path, env):
+    """`vilms plan --inventory --vault-password-file`: a vaulted key in a layer resolves as in a run."""
+    from vilms.deploy.capacity_inventory import effective_configs
+
+    password = tmp_path / "vault-pass"
+    password.write_text("correct horse battery staple\n")
+    vaulted = subprocess.run([str(BIN / "ansible-vault"), "encrypt_string", "--vault-password-file", str(password),
+                              "sk-vaulted-5f0c1d2e3a4b", "--name", "site_key"], capture_output=True, text=True,
+                             check=True).stdout
+    inventory = write_inventory(tmp_path)
+    fleet = yaml.safe_load((tmp_path / "group_vars" / "all.yml").read_text())
+    del fleet["site_key"]
+    (tmp_path / "group_vars" / "all.yml").write_text(yaml.safe_dump(fleet) + vaulted)
+    hosts = effective_configs(str(inventory), vault_password_file=str(password))
+    assert {e["config"]["gateway"]["api-keys"][0]["key"] for e in hosts.values()} == {"sk-vaulted-5f0c1d2e3a4b"}
+    with pytest.raises(ValueError, match="could not be read") as caught:
+        effective_configs(str(inventory))
+    assert "gpu-1, nano-1, nano-2, nx-1: the merge failed" in str(caught.value) and "--vault-password-file" in str(caught.value)

@@ -71,15 +71,27 @@ def _tool(name: str) -> str:
     return tool
 
 
+HIDDEN = ("the merge failed in a task that hides its output (it may hold API keys): usually a vaulted value and no "
+          "vault password (--vault-password-file, or ANSIBLE_VAULT_PASSWORD_FILE), or a {{ }} in a config layer that "
+          "does not resolve; `ansible-playbook site.yml -i INVENTORY --tags preflight` names the error")
+
+
 def _failures(stdout: str) -> str:
     """The hosts Ansible failed and their messages, from its default output."""
-    messages = []
+    hidden, messages = [], []
     for m in re.finditer(r"^fatal: \[([^\]]+)\]: FAILED! => (.*)$", stdout, re.M):
         try:
-            detail = json.loads(m.group(2)).get("msg", m.group(2))
+            result = json.loads(m.group(2))
         except ValueError:
-            detail = m.group(2)
-        messages.append(f"{m.group(1)}: {detail}")
+            result = {"msg": m.group(2)}
+        if "censored" in result:
+            hidden.append(m.group(1))
+        else:
+            messages.append(f"{m.group(1)}: {result.get('msg', m.group(2))}")
+    if hidden:
+        hidden.sort()
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        messages.append(f"{shown}: {HIDDEN}")
     return "; ".join(messages)
 
 
