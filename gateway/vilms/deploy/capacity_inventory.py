@@ -97,7 +97,7 @@ def _failures(stdout: str) -> str:
 
 def effective_configs(inventory: str, limit: str | None = None,
                       vault_password_file: str | None = None) -> dict[str, dict[str, Any]]:
-    """{host: {"config", "gpu", "layers"}} for every host of the inventory, as the vilms_preflight role merges them."""
+    """{host: {"config", "gpu", "layers", "bad_layers"}} for every host of the inventory, as vilms_preflight merges them."""
     with tempfile.TemporaryDirectory(prefix="vilms-effective-") as tmp:  # 0700: the configs may hold API keys
         out = Path(tmp) / "effective.json"
         book = Path(tmp) / "effective.yml"
