@@ -1,8 +1,8 @@
 """Preflight render time for a fleet: `vilms render --many` (one process) against one `vilms render` per host.
 
 `python -m bench.preflight --hosts 500 [--sample 10]` builds a fleet shaped like the one this toolkit is for
-(60 % Orin Nano 8 GB, 30 % Orin NX 16 GB, 10 % AGX Orin 64 GB as Jetson SKU layers over the example inventory's
-Jetson group, plus a few dgpu servers), renders every host in one `vilms render --many` process, and times
+(60 % Orin Nano 8 GB, 30 % Orin NX 16 GB, 10 % AGX Orin 64 GB, each with the effective config of the example
+inventory's host in that SKU group, plus a few dgpu servers), renders every host in one `vilms render --many` process, and times
 `--sample` hosts rendered one process each (the old preflight) to extrapolate that path. Writes
 bench/results/preflight.{json,md}. Nothing leaves this machine; only the render (no Ansible) is timed here.
 """
@@ -22,35 +22,32 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "inventories" / "example" / "group_vars"
-SKUS = {  # share of the Jetson fleet, chat model per SKU (fits its memory)
-    "orin_nano": (0.6, "qwen2.5:1.5b"), "orin_nx": (0.3, "qwen2.5:3b"), "agx_orin": (0.1, "qwen2.5:7b")}
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+EXAMPLE = ROOT / "inventories" / "example" / "hosts.yml"
+SKUS = {  # share of the Jetson fleet, and the example host whose SKU group it copies (its layers fit that board)
+    "orin_nano": (0.6, "jetson-orin-01.example"), "orin_nx": (0.3, "jetson-nx-01.example"),
+    "agx_orin": (0.1, "jetson-agx-01.example")}
 
 
 def fleet(hosts: int) -> dict:
-    """{"hosts": {name: {config, gpu, engine_tag}}} for `hosts` boxes (about 1 in 50 a dgpu server)."""
-    load = lambda group: yaml.safe_load((EXAMPLE / group / "vilms.yml").read_text())  # noqa: E731
-    base = load("all")["vilms_config"]
-    base["gateway"]["api-keys"][0]["key"] = "sk-bench-0123456789abcdef"  # the vaulted key, as the play templates it
-    jetson = merge(base, load("jetsons")["vilms_config_group"])
-    dgpu = merge(base, load("dgpu").get("vilms_config_group") or {})
+    """{"hosts": {name: {config, gpu, engine_tag}}} for `hosts` boxes (about 1 in 50 a dgpu server).
+
+    Each box copies the effective config of an example host of its kind, merged by the preflight role itself
+    (`effective_configs`, the merge `vilms plan --inventory` uses: the example's layers, not a merge written here).
+    """
+    from vilms.deploy.capacity_inventory import effective_configs
+
+    example = effective_configs(str(EXAMPLE))
+    for entry in example.values():  # the vaulted key, as a site's vault would hold it
+        entry["config"]["gateway"]["api-keys"][0]["key"] = "sk-bench-0123456789abcdef"
     out: dict = {}
     servers = max(1, hosts // 50)
     for i in range(servers):
-        out[f"gpu-{i:03d}"] = {"config": dgpu, "gpu": True}
+        out[f"gpu-{i:03d}"] = {"config": example["gpu-server-01.example"]["config"], "gpu": True}
     jetsons = hosts - servers
     counts = {sku: int(round(share * jetsons)) for sku, (share, _) in SKUS.items()}
     counts["orin_nano"] += jetsons - sum(counts.values())
     for sku, n in counts.items():
-        config = copy.deepcopy(jetson)
-        config["serving"]["models"][0]["name"] = SKUS[sku][1]
+        config = copy.deepcopy(example[SKUS[sku][1]]["config"])
         for i in range(n):
             out[f"{sku}-{i:03d}"] = {"config": config, "gpu": False, "engine_tag": "r36.4.0"}
     return {"hosts": out}

@@ -331,8 +331,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   gpu=not no_gpu)
     try:
         memory = host_memory(config, facts, memory_gb=args.memory_gb, gpus=args.gpus)
-    except ValueError as exc:
-        return fail([{"pointer": "/host", "message": str(exc), "hint": "", "severity": "error"}])
+    except ValueError as exc:  # no memory figure, or a declared one the probe contradicts
+        return fail([{"pointer": getattr(exc, "pointer", "/host"), "message": str(exc), "hint": "", "severity": "error"}])
     plan = plan_host(args.host or config.raw["host"].get("name") or "localhost", config, memory,
                      accept_tight_fit=True if args.accept_tight_fit else None)
     if args.format == "json":
@@ -376,9 +376,8 @@ def _plan_inventory(args: argparse.Namespace) -> int:
     from vilms.deploy.capacity_inventory import HostError, plan_inventory
     from vilms.deploy.capacity_plan import render_text
 
-    limit = {h.strip() for h in args.limit.split(",") if h.strip()} if args.limit else None
     try:
-        results = plan_inventory(args.inventory, limit, args.memory_gb, args.gpus)
+        results = plan_inventory(args.inventory, args.limit, args.memory_gb, args.gpus, args.vault_password_file)
     except ValueError as exc:
         print(f"vilms plan: {exc}", file=sys.stderr)
         return 1
@@ -388,7 +387,8 @@ def _plan_inventory(args: argparse.Namespace) -> int:
         return 0 if ok else 1
     for result in results:
         if isinstance(result, HostError):
-            print(f"host {result.host}: no plan: {result.message}\n  verdict: unknown -> FAIL")
+            layers = f"\n  layers: {' <- '.join(result.layers)}" if result.layers else ""
+            print(f"host {result.host}: no plan: {result.message}{layers}\n  verdict: unknown -> FAIL")
         else:
             sys.stdout.write(render_text([result]))
     if not results:
@@ -459,7 +459,8 @@ def _deploy_parsers(sub: Any) -> None:
     source.add_argument("--config", help="config.yaml of one host ('-' = stdin)")
     source.add_argument("--inventory", help="an Ansible inventory: every host with a vilms config")
     source.add_argument("--render", help="a directory `vilms render` wrote (its config is not validated again)")
-    p.add_argument("--limit", default=None, help="with --inventory: only these hosts (comma-separated)")
+    p.add_argument("--limit", default=None, help="with --inventory: only these hosts (an Ansible --limit pattern)")
+    p.add_argument("--vault-password-file", default=None, help="with --inventory: for vaulted inventory values")
     p.add_argument("--memory-gb", type=float, default=None, help="GiB per GPU (dgpu) or the board's memory (Jetson)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (dgpu)")
     p.add_argument("--host", default=None, help="name shown in the report")

@@ -1,5 +1,7 @@
 """The example inventory deploys as written: copy inventories/example/, swap only what the rig cannot have, run
-site.yml, pass the full health gate, then answer through the official openai client.
+site.yml, pass the full health gate, then answer through the official openai client. Before that, in seconds and
+without the rig: its SKU layers fit every board (`vilms plan --inventory`), and the preflight and
+`vilms plan --inventory` see the same effective config for every host.
 
 Swapped: host names (one dgpu rig host), the stand-in images (shipped as archives, as air-gapped sites do), the
 stand-ins for the NVIDIA driver (molecule/resources/prepare.yml) and the hub: the example's own model ids are
@@ -24,8 +26,8 @@ from devkit.hub_standin import HubStandin, publish_tiny
 from devkit.rig_image import BASE_IMAGE
 from tests.support import minilm_path
 
-pytestmark = [pytest.mark.molecule, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
-                                                        reason="the rig needs root and dockerd (make system)")]
+NEEDS_RIG = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
+                               reason="the rig needs root and dockerd (make system)")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -83,7 +85,8 @@ def copy_example(tmp: Path, hub_url: str) -> Path:
     repo, _, tag = GATEWAY.rpartition(":")
     hosts = yaml.safe_load((site / "hosts.yml").read_text())
     hosts["all"]["children"]["dgpu"]["hosts"] = {HOST: None}  # one rig host for the example's dgpu servers
-    hosts["all"]["children"]["jetsons"]["hosts"] = {}
+    for sku in hosts["all"]["children"]["jetsons"]["children"].values():  # no Jetson in the rig
+        sku["hosts"] = {}
     (site / "hosts.yml").write_text(yaml.safe_dump(hosts))
     (site / "host_vars" / f"{HOST}.yml").write_text(yaml.safe_dump({
         "ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3",
@@ -121,6 +124,8 @@ def container_ip(name: str) -> str:
 
 
 @pytest.mark.timeout(2400)
+@pytest.mark.molecule
+@NEEDS_RIG
 def test_example_inventory_deploys_as_written(host, tmp_path):
     hub_root = tmp_path / "hub"
     publish_example_models(hub_root)
@@ -160,3 +165,90 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
     assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
     listed = {m.id for m in client.models.list().data}
     assert {"LLM", "LLM_SMALL", "LLM_QWEN3", "VLM", "Embedding", "Qwen/Qwen3-4B-Instruct-2507"} <= listed
+
+
+# --- the example's layers, without the rig ------------------------------------------------------------------------
+
+EXAMPLE = ROOT / "inventories" / "example" / "hosts.yml"
+# Each host's layers in merge order (docs/config.md "Layered config"): platform group, SKU group, host exception.
+EXAMPLE_LAYERS = {
+    "gpu-server-01.example": ["vilms_config", "vilms_config__10_dgpu"],
+    "gpu-server-02.example": ["vilms_config", "vilms_config__10_dgpu"],
+    "jetson-orin-01.example": ["vilms_config", "vilms_config__10_jetsons", "vilms_config__20_orin_nano_8gb"],
+    "jetson-orin-02.example": ["vilms_config", "vilms_config__10_jetsons", "vilms_config__20_orin_nano_8gb",
+                               "vilms_config_host"],
+    "jetson-nx-01.example": ["vilms_config", "vilms_config__10_jetsons", "vilms_config__20_orin_nx_16gb"],
+    "jetson-agx-01.example": ["vilms_config", "vilms_config__10_jetsons", "vilms_config__20_agx_orin_64gb"],
+}
+
+# Runs `python -m vilms ...` as the role asks, keeping a copy of the `render --many` input (every host's effective
+# config as the preflight merged it; the role removes it after the render).
+CAPTURING_PYTHON = """#!{python}
+import runpy, shutil, sys
+if "--many" in sys.argv:
+    shutil.copyfile(sys.argv[sys.argv.index("--many") + 1], {capture!r})
+assert sys.argv[1:3] == ["-m", "vilms"], sys.argv
+sys.argv = ["vilms", *sys.argv[3:]]
+runpy.run_module("vilms", run_name="__main__", alter_sys=True)
+"""
+
+
+def plan_inventory_json(*args: str) -> tuple[int, dict]:
+    run = subprocess.run([sys.executable, "-m", "vilms", "plan", "--inventory", str(EXAMPLE), "--format", "json", *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip(), run.stderr
+    return run.returncode, json.loads(run.stdout)
+
+
+@pytest.mark.ansible
+def test_every_example_host_fits_with_its_sku_layers():
+    """`vilms plan --inventory inventories/example/hosts.yml`: every host fits on its declared memory."""
+    rc, report = plan_inventory_json()
+    hosts = {h["host"]: h for h in report["hosts"]}
+    assert {h: r.get("verdict") for h, r in hosts.items()} == dict.fromkeys(EXAMPLE_LAYERS, "fits"), report
+    assert rc == 0 and report["ok"] is True
+    assert {h: r["layers"] for h, r in hosts.items()} == EXAMPLE_LAYERS
+    models = {h: [m["model"] for m in r["models"] if m["engine"] == "ollama" or m["engine"] == "vllm"]
+              for h, r in hosts.items()}
+    assert models["jetson-orin-01.example"] == ["qwen2.5vl:3b"]            # the SKU layer replaced the list
+    assert models["jetson-nx-01.example"] == ["qwen2.5:3b", "qwen2.5vl:7b"]
+    assert models["jetson-agx-01.example"] == ["qwen3:32b", "qwen2.5vl:32b"]
+    assert hosts["jetson-agx-01.example"]["unified_gib"] == 64 and hosts["jetson-nx-01.example"]["unified_gib"] == 16
+    assert hosts["gpu-server-01.example"]["gpus_gib"] == [80]
+
+
+@pytest.mark.ansible
+def test_the_preflight_and_plan_inventory_see_the_same_config_for_every_example_host(tmp_path):
+    """The real preflight (site.yml --tags preflight) against the example inventory, and `vilms plan --inventory`."""
+    from vilms.deploy.capacity_inventory import effective_configs
+
+    from tests.ansible.fleet_hosts import ansible_env
+
+    capture = tmp_path / "many.json"
+    python = tmp_path / "capturing-python"
+    python.write_text(CAPTURING_PYTHON.format(python=sys.executable, capture=str(capture)))
+    python.chmod(0o755)
+    env = ansible_env(tmp_path, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+                      VILMS_FLEET_REPORT="off",
+                      ANSIBLE_CALLBACKS_ENABLED="vilms_fleet_report")  # keep the renders to plan from them (no cleanup)
+    run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(EXAMPLE), str(ROOT / "site.yml"), "--tags", "preflight",
+                          "-e", f"vilms_capacity_python={python}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:]
+    rendered = json.loads(capture.read_text())["hosts"]
+    planned = effective_configs(str(EXAMPLE))
+    assert set(rendered) == set(planned) == set(EXAMPLE_LAYERS)
+    for host in EXAMPLE_LAYERS:  # config, gpu and layers, host by host (a diff names the host)
+        assert (host, rendered[host]) == (host, planned[host])
+    # the inventory's {{ vault_vilms_gateway_key }} resolved, in both
+    vault = yaml.safe_load((ROOT / "inventories" / "example" / "group_vars" / "all" / "vault.yml").read_text())
+    assert {planned[h]["config"]["gateway"]["api-keys"][0]["key"] for h in planned} == {vault["vault_vilms_gateway_key"]}
+
+    # And the verdicts: `vilms plan --render` on each preflight render says what `vilms plan --inventory` says.
+    _, report = plan_inventory_json()
+    offline = {h["host"]: {k: v for k, v in h.items() if k != "layers"} for h in report["hosts"]}
+    for host in EXAMPLE_LAYERS:
+        out = next((tmp_path / ".cache" / "vilms" / "rendered").glob(f"run-*/{host}"))
+        one = subprocess.run([sys.executable, "-m", "vilms", "plan", "--render", str(out), "--host", host,
+                              "--format", "json"], capture_output=True, text=True, timeout=60)
+        assert json.loads(one.stdout)["hosts"][0] == offline[host], host

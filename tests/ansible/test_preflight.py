@@ -8,6 +8,7 @@ times; the counting test below fails on that code with two validations per host.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,32 @@ def test_no_decrypted_key_left_on_the_controller_however_the_run_ends(tmp_path, 
     leaks = [p for p in cache.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
     assert leaks == []
     assert key not in run.stdout + run.stderr
+
+
+def _nominal_orin_nano_gb() -> int:
+    """The Orin Nano size (4 or 8 GB) nearest this machine's MemTotal: what the stand-in Jetson's probe finds."""
+    kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    return min((4, 8), key=lambda size: abs(size - kib / 2**20))
+
+
+@pytest.mark.ansible
+def test_a_declared_memory_the_probe_contradicts_fails_the_facts_preflight_naming_both(tmp_path):
+    """orin-a declares 32 GB on a board the probe finds to be an Orin Nano; orin-b declares what the probe finds."""
+    inventory = write_fleet(tmp_path, (), ("orin-a", "orin-b"))
+    data = yaml.safe_load(inventory.read_text())
+    hosts = data["all"]["children"]["jetsons"]["hosts"]
+    hosts["orin-a"] = {**hosts["orin-a"], "vilms_config_host": {"host": {"memory-gb": 32}}}
+    hosts["orin-b"] = {**hosts["orin-b"], "vilms_config_host": {"host": {"memory-gb": _nominal_orin_nano_gb()}}}
+    inventory.write_text(yaml.safe_dump(data))
+    env = ansible_env(tmp_path, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(ROOT / "roles"),
+                      VILMS_FLEET_REPORT="off")
+    run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(ROOT / "site.yml"),
+                          "--tags", "preflight,preflight-facts"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0, run.stdout[-3000:]
+    assert ("orin-a: no capacity plan: /host/memory-gb: host.memory-gb declares 32 GB but the host reports Jetson "
+            f"Orin Nano {_nominal_orin_nano_gb()} GB (device tree, MemTotal") in " ".join(run.stdout.split()), \
+        run.stdout[-3000:]
+    recap = run.stdout[run.stdout.index("PLAY RECAP"):]
+    assert re.search(r"orin-a\s+:.*failed=1", recap) and re.search(r"orin-b\s+:.*failed=0", recap), recap

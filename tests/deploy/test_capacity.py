@@ -12,7 +12,7 @@ import yaml
 
 from vilms.deploy import capacity_data as data
 from vilms.deploy.capacity import vllm_estimate, weights_from_params
-from vilms.deploy.capacity_plan import Facts, host_memory, plan_host
+from vilms.deploy.capacity_plan import DeclaredMemoryMismatch, Facts, host_memory, plan_host
 from vilms.config.load import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +147,55 @@ def test_inventory_overrides_budget():
     config = _config([ollama("qwen2.5vl:7b")], host={"memory-gb": 8, "os-reserve-gb": 0})
     plan = plan_host("box", config, host_memory(config, HOSTS["nano8"][1]))
     assert plan.pools[0].budget == 8.0 and plan.verdict == "fits"
+
+
+@pytest.mark.parametrize("host,declared,gpus,ok", [
+    ("nano8", 8, None, True),      # the device tree + MemTotal say Orin Nano 8 GB
+    ("nano8", 16, None, False),    # a 16 GB declaration on an 8 GB board
+    ("nano8", 4, None, False),     # the family's other size
+    ("agx64", 64, None, True),
+    ("agx64", 32, None, False),
+    ("gpu24", 24, None, True),     # nvidia-smi 24564 MiB = 23.99 GiB
+    ("gpu24", 26, None, True),     # 8% over: within the tolerance
+    ("gpu24", 26.5, None, False),  # 10.5% over
+    ("gpu24", 80, None, False),
+    ("gpu24", 20, None, False),    # under by 17%: a wrong declaration either way
+    ("gpu2x80", 80, 2, True),
+    ("gpu2x80", 48, 1, False),
+])
+def test_a_probe_contradicting_the_declared_memory_stops_the_plan(host, declared, gpus, ok):
+    """host.memory-gb is what `vilms plan --inventory` plans with; the preflight's probe checks it (10% tolerance)."""
+    platform, facts = HOSTS[host]
+    config = _config([], host={"platform": platform, "memory-gb": declared, **({"gpus": gpus} if gpus else {})})
+    if ok:
+        memory = host_memory(config, facts)
+        assert (memory.unified if platform == "js" else memory.gpus[0]) == declared
+        assert "(declared; " in memory.description and "agrees" in memory.description
+        return
+    with pytest.raises(DeclaredMemoryMismatch) as caught:
+        host_memory(config, facts)
+    message = str(caught.value)
+    assert f"declares {declared:g} GB" in message and "more than 10% apart" in message
+    probed = {"nano8": "Jetson Orin Nano 8 GB (device tree, MemTotal 7.4 GiB)",
+              "agx64": "Jetson AGX Orin 64 GB (device tree, MemTotal 62.8 GiB)",
+              "gpu24": "GPU 0 24.0 GiB (nvidia-smi)", "gpu2x80": "GPU 0 79.6 GiB (nvidia-smi)"}[host]
+    assert probed in message
+    # no probe (vilms plan --inventory, the controller alone): the declaration is all there is
+    assert host_memory(config, Facts(gpu=True)).description.endswith(("(declared)", "OS reserve"))
+
+
+def test_cli_names_the_declared_and_the_probed_memory(tmp_path):
+    config = {"host": {"platform": "js", "memory-gb": 16}, "serving": {"engine": "ollama", "models": [
+        {"name": "qwen2.5vl:3b", "params": {"num-ctx": 4096}}]}}
+    result = _plan(tmp_path, config, "--device-model", "NVIDIA Jetson Orin Nano Developer Kit", "--meminfo-mib", "7620",
+                   "--format", "json")
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["errors"][0]
+    assert error["pointer"] == "/host/memory-gb"
+    assert "declares 16 GB" in error["message"] and "Jetson Orin Nano 8 GB" in error["message"]
+    agreeing = _plan(tmp_path, {**config, "host": {"platform": "js", "memory-gb": 8}}, "--device-model",
+                     "NVIDIA Jetson Orin Nano Developer Kit", "--meminfo-mib", "7620")
+    assert agreeing.returncode == 0 and "8 GB (declared; the probe agrees)" in agreeing.stdout
 
 
 def test_declared_memory_wins_and_unknown_warns():

@@ -25,6 +25,16 @@ from vilms.config.model import Config
 
 TIGHT = 0.2
 _RANK = {"fits": 0, "tight": 1, "over": 2}
+# A declared host.memory-gb (or --memory-gb) that the probe contradicts by more than this share of the probed figure
+# stops the plan, naming both: the declaration is what `vilms plan --inventory` plans the fleet with, so a wrong one
+# must be corrected, not silently outvoted on the day of the run (docs/capacity.md).
+DECLARED_TOLERANCE = 0.10
+
+
+class DeclaredMemoryMismatch(ValueError):
+    """host.memory-gb says one size, the host's probe (nvidia-smi, device tree + MemTotal) another."""
+
+    pointer = "/host/memory-gb"
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,7 @@ class HostPlan:
     warnings: list[str]
     remote: list[str]
     accept_tight_fit: bool
+    layers: list[str] = field(default_factory=list)   # the inventory's config layers, in merge order (--inventory)
 
     @property
     def verdict(self) -> str:
@@ -120,7 +131,8 @@ class HostPlan:
                 "unified_gib": _r(m.unified), "ram_gib": _r(m.ram), "os_reserve_gib": _r(m.reserve),
                 "pools": [p.as_dict() for p in self.pools], "models": [x.as_dict() for x in self.models],
                 "verdict": self.verdict, "accept_tight_fit": self.accept_tight_fit, "ok": self.ok,
-                "problems": self.problems, "warnings": self.warnings, "remote": self.remote}
+                "problems": self.problems, "warnings": self.warnings, "remote": self.remote,
+                **({"layers": self.layers} if self.layers else {})}
 
 
 def _r(value: float | None) -> float | None:
@@ -145,9 +157,11 @@ def jetson_memory(facts: Facts, memory_gb: float | None = None, reserve_gb: floa
     sku = next((s for s in data.JETSON_SKUS if s.match in model), None) if model else None
     if memory_gb is not None:
         size, what = float(memory_gb), f"{memory_gb:g} GB (declared)"
+        if meminfo:
+            _check_declared(size, [_jetson_probe(sku, meminfo)])
+            what = f"{memory_gb:g} GB (declared; the probe agrees)"
     elif sku and meminfo:
-        size = float(min(sku.sizes, key=lambda s: abs(s - meminfo)))
-        what = f"{sku.family} {size:g} GB (device tree, MemTotal {meminfo:.1f} GiB)"
+        size, what = _jetson_probe(sku, meminfo)
     elif sku:
         size = float(max(sku.sizes))
         what = f"{sku.family} {size:g} GB (device tree; MemTotal unknown: largest of the family)"
@@ -164,6 +178,25 @@ def jetson_memory(facts: Facts, memory_gb: float | None = None, reserve_gb: floa
     return HostMemory("js", unified=size, reserve=reserve, description=f"{what} - {reserve:g} GiB OS reserve")
 
 
+def _jetson_probe(sku: data.JetsonSku | None, meminfo: float) -> tuple[float, str]:
+    """(the board's size as probed, how it was found): the SKU's nominal size nearest MemTotal, else MemTotal."""
+    if sku:
+        size = float(min(sku.sizes, key=lambda s: abs(s - meminfo)))
+        return size, f"{sku.family} {size:g} GB (device tree, MemTotal {meminfo:.1f} GiB)"
+    return meminfo, f"MemTotal {meminfo:.1f} GiB"
+
+
+def _check_declared(declared: float, probed: list[tuple[float, str]], per: str = "") -> None:
+    """Raise DeclaredMemoryMismatch when a probed figure is more than DECLARED_TOLERANCE away from the declared one."""
+    off = [(size, what) for size, what in probed if abs(declared - size) > DECLARED_TOLERANCE * size]
+    if off:
+        found = ", ".join(what for _, what in probed)
+        raise DeclaredMemoryMismatch(
+            f"host.memory-gb declares {declared:g} GB{per} but the host reports {found}: more than "
+            f"{DECLARED_TOLERANCE:.0%} apart. Correct host.memory-gb in the host's config layer (or remove it, and "
+            f"the probe decides)")
+
+
 def dgpu_memory(facts: Facts, memory_gb: float | None = None, gpus: int | None = None,
                 reserve_gb: float | None = None) -> HostMemory:
     """dgpu: each GPU's memory (nvidia-smi, or declared per GPU x count), and RAM for CPU-resident models."""
@@ -174,6 +207,11 @@ def dgpu_memory(facts: Facts, memory_gb: float | None = None, gpus: int | None =
     if memory_gb is not None:
         per_gpu = (float(memory_gb),) * (gpus or len(facts.gpu_mib) or 1)
         what = f"{len(per_gpu)} x {memory_gb:g} GB GPU (declared)"
+        probed = [m / 1024 for m in facts.gpu_mib][: gpus or None]
+        if probed:
+            _check_declared(float(memory_gb), [(g, f"GPU {i} {g:.1f} GiB (nvidia-smi)") for i, g in enumerate(probed)],
+                            " per GPU")
+            what = f"{len(per_gpu)} x {memory_gb:g} GB GPU (declared; nvidia-smi agrees)"
     else:
         per_gpu = tuple(m / 1024 for m in facts.gpu_mib)
         if gpus is not None:
@@ -370,6 +408,8 @@ def render_text(plans: list[HostPlan]) -> str:
     for plan in plans:
         mem = plan.memory
         out.append(f"host {plan.host} ({mem.platform}): {mem.description}")
+        if plan.layers:
+            out.append("  layers: " + " <- ".join(plan.layers))
         out.append(f"  {'model':<40} {'engine':<7} {'estimate':>9} {'pool':<8} {'budget':>7} {'headroom':>9}  verdict")
         pools = {p.name: p for p in plan.pools}
         for line in plan.models:

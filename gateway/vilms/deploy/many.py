@@ -4,7 +4,9 @@ The preflight used to start one Python per host (import, schema load, template c
 host on two cores, 9.5 minutes for a 500-host fleet before a single box was contacted. Here the schema validator
 and the compose template are built once and each host costs only its own validation and rendering.
 
-Input (JSON or YAML): `{"hosts": {NAME: {"config": {...}, "gpu": true|false|null, "engine_tag": str|null}}}`.
+Input (JSON or YAML): `{"hosts": {NAME: {"config": {...}, "gpu": true|false|null, "engine_tag": str|null}}}`, as
+vilms_preflight's tasks/effective.yml writes it (it adds `layers`, the config layers in merge order, and
+`bad_layers`, those that are not maps and were left out of the merge: such a host is an error).
 Each host's files go to `OUT/NAME/` exactly as `vilms render --out OUT/NAME` would write them. If any host has an
 error, nothing is written for any host (a bad inventory stops the run before any host is touched), and the report
 names every failing host with its JSON pointers.
@@ -54,7 +56,17 @@ def _entry_issues(name: Any, entry: Any) -> list[ConfigIssue]:
         return [ConfigIssue("", f"host name {name!r} cannot name a render directory")]
     if not isinstance(entry, Mapping) or not isinstance(entry.get("config"), Mapping):
         return [ConfigIssue("", "the entry has no 'config' mapping (the host's effective vilms config)")]
-    return []
+    return layer_issues(entry)
+
+
+def layer_issues(entry: Mapping[str, Any]) -> list[ConfigIssue]:
+    """The inventory's config layers that are not maps (vilms_preflight names them; docs/config.md)."""
+    bad = entry.get("bad_layers") or []
+    if not bad:
+        return []
+    order = " <- ".join(entry.get("layers") or [])
+    return [ConfigIssue("", f"config layers must be maps (as in config.yaml): {', '.join(bad)} (merge order: {order})",
+                        "give each vilms_config* variable a map in config.yaml's shape, or null")]
 
 
 def render_many(spec: Any, base_dir: Path = Path(".")) -> ManyResult:
