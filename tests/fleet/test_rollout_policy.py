@@ -33,7 +33,8 @@ BIN = Path(sys.executable).parent
 # roles/vilms_stack/tasks/main.yml without Docker: the previous release r-old runs, r-new is deployed. With
 # `real_gate` the deploy gates through the real tasks/gate.yml and a failure takes the real tasks/rollback.yml;
 # without it the host's fate decides (ok, rollback, down), as in test_fleet_report.py. Fate `breaks`: the host passes
-# its first gate, then its release stops answering (what the soak's second gate can catch).
+# its first gate, then its release stops answering (what the soak's second gate can catch). Fate `locked`: another
+# run takes the host's rollout lock after its first gate.
 STACK_MAIN = """\
 ---
 - name: Stack | Deploy and gate (stand-in for tasks/deploy.yml)
@@ -75,6 +76,13 @@ STACK_MAIN = """\
         mode: "0644"
       delegate_to: localhost
       when: fate == 'breaks'
+    - name: Deploy | (stand-in) Another run takes the host's rollout lock after the first gate
+      ansible.builtin.file:
+        src: another run
+        dest: "{{ vilms_stack_dir }}/rollout.lock"
+        state: link
+        force: true
+      when: fate == 'locked'
   rescue:
     - name: Stack | Roll back to the previous release and gate it
       ansible.builtin.include_tasks: rollback.yml
@@ -261,15 +269,16 @@ def test_fleet_wide_limit_halts_a_rollout_whose_every_batch_stayed_within_its_bu
 
 
 def test_soak_second_gate_catches_a_host_that_breaks_after_its_first_gate(tmp_path, gateway):
-    # Batch 1 is b1 and b2; both pass their gate, then b2's release stops answering. After the soak the second gate
-    # fails on b2: rolled back, current points at r-old again, and the budget (0 %) halts before b3's batch.
-    fates = {"b1": "ok", "b2": "breaks", "b3": "ok"}
-    rc, report, log = run(tmp_path, gateway, fates, extra={"vilms_rollout_batches": [2, 1], "vilms_rollout_soak": 1},
+    # Batch 1 is b1, b2 and b3; all pass their gate, then b2's release stops answering and another run takes b3's
+    # lock. After the soak the second gate fails on b2: rolled back, current points at r-old again. b3 is not gated
+    # again (the lock is not this run's): failed, left running. The budget (0 %) halts before b4's batch.
+    fates = {"b1": "ok", "b2": "breaks", "b3": "locked", "b4": "ok"}
+    rc, report, log = run(tmp_path, gateway, fates, extra={"vilms_rollout_batches": [3, 1], "vilms_rollout_soak": 1},
                           real_gate=True)
     assert rc != 0
-    assert outcomes(report) == {"b1": "updated", "b2": "rolled_back", "b3": "untouched"}, log[-4000:]
+    assert outcomes(report) == {"b1": "updated", "b2": "rolled_back", "b3": "failed", "b4": "untouched"}, log[-4000:]
     assert report["rollout"]["soak_s"] == 1 and report["rollout"]["halted_by"] == "batch_budget"
-    b1, b2 = report["hosts"]["b1"], report["hosts"]["b2"]
+    b1, b2, b3 = (report["hosts"][name] for name in ("b1", "b2", "b3"))
     phases = [(g.get("phase", "deploy"), g["model"], g["ok"]) for g in b2["gate"] if g["model"] == "LLM"]
     assert phases == [("deploy", "LLM", True), ("deploy", "LLM", True), ("soak", "LLM", False)], b2["gate"]
     assert [(g.get("phase", "deploy"), g["ok"]) for g in b1["gate"] if g["model"] == "LLM"] == \
@@ -285,6 +294,9 @@ def test_soak_second_gate_catches_a_host_that_breaks_after_its_first_gate(tmp_pa
     assert "key-b2" not in log  # the gate's requests were no_log
     result = json.loads((tmp_path / "hosts" / "b2" / "releases" / "last-result.json").read_text())
     assert (result["result"], result["release"], result["attempted"]) == ("rolled-back", "r-old", "r-new")
+    assert "second gate did not run" in b3["error"] and "another rollout holds the lock" in b3["error"], b3
+    assert [g.get("phase") for g in b3["gate"]] == [None] * len(b3["gate"])  # not gated again
+    assert os.readlink(tmp_path / "hosts" / "b3" / "rollout.lock") == "another run"  # the other run's lock stays
     page = (tmp_path / "reports" / "latest.html").read_text()
     assert "[soak] LLM FAIL" in page and "soak 1 s, then a second gate" in page
 
