@@ -193,7 +193,7 @@ def stand_ins(tmp: Path) -> tuple[Path, Path]:
 
 def run(tmp: Path, gateway: tuple[str, Path], fates: dict[str, str], all_vars: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None, real_gate: bool = False) -> tuple[int, dict[str, Any], str]:
-    """site.yml over `fates` (ok, rollback, down, breaks), every host in dgpu; group_vars/all from all_vars."""
+    """site.yml over `fates` (ok, rollback, down, breaks, locked), every host in dgpu; group_vars/all from all_vars."""
     url, flags = gateway
     hosts = {}
     for name, fate in fates.items():
