@@ -8,6 +8,11 @@ reported as untouched. The report's shape and the page live in `vilms.fleet_repo
 What the vilms_stack role says about a host is read from its facts: `vilms_stack_previous` (the release that ran
 before) and `vilms_stack_result` ({result: deployed|rolled-back|down|failed, release, attempted, message}). Any other
 role may publish fields with facts named `vilms_fleet_<field>`: each lands in the host's record as `<field>`.
+
+The rollout policy comes from the fact `vilms_stack_rollout` (site.yml's first play). A batch whose first task, the
+fleet-wide limit's check (`Rollout | Halt ...`), failed never started: the rollout halted after the batch before it,
+and that batch's hosts are untouched. Gate rows of the soak's second gate (tasks after a `Soak |` task) carry
+`phase: soak`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ options:
 # Tasks whose results are gate requests (one per model), by name prefix.
 GATE_PREFIXES = ("Gate |", "Smoke |", "Deploy | Health gate")
 ROLLBACK_PREFIX = "Rollback |"
+HALT_PREFIX = "Rollout | Halt"  # roles/vilms_stack/tasks/rollout-batch.yml: the fleet-wide limit was exceeded
+SOAK_PREFIX = "Soak |"  # roles/vilms_stack/tasks/rollout-soak.yml: the second gate, after the soak
+POLICY_FACT = "vilms_stack_rollout"
 FLEET_FACT_PREFIX = "vilms_fleet_"
 DOWN_MARKERS = ("host down", "rollback failed")
 # vilms_stack_result.result -> outcome
@@ -108,6 +116,8 @@ class CallbackModule(CallbackBase):
         self._in_rollout = False
         self._expects_rollout = False
         self._task_started: dict[tuple[str, str], float] = {}
+        self._policy: dict[str, Any] = {}
+        self._halt: dict[str, Any] | None = None
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _t(self) -> float:
@@ -137,7 +147,16 @@ class CallbackModule(CallbackBase):
             rec["start_s"] = now if rec["start_s"] is None else rec["start_s"]
             rec["end_s"] = now
             rec["last_task"] = _task_name(task)
+            if rec["last_task"].startswith(SOAK_PREFIX):
+                rec["phase"] = "soak"
         return rec
+
+    def _gate_rows(self, rec: dict[str, Any], rows: Any) -> None:
+        """Gate rows go to the rollback's gate once a rollback ran; the soak's second gate tags its own."""
+        rows = list(rows)
+        if rec.get("phase") == "soak" and not rec["rollback_ran"]:
+            rows = [dict(r, phase="soak") for r in rows]
+        rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(rows)
 
     def _close_batch(self) -> None:
         if self._rollout and self._rollout["batches"] and self._rollout["batches"][-1]["end_s"] is None:
@@ -162,6 +181,7 @@ class CallbackModule(CallbackBase):
         if self._rollout is None or self._rollout["play"] != play.get_name():
             self._rollout = {"play": play.get_name(), "batch_spec": serial,
                              "max_fail_percentage": play.max_fail_percentage,
+                             "max_failures": self._policy.get("max_failures"), "soak_s": self._policy.get("soak", 0),
                              "hosts": [h.get_name() for h in every], "batches": [], "halted": False}
         index = len(self._rollout["batches"]) + 1
         names = [h.get_name() for h in batch]
@@ -194,9 +214,9 @@ class CallbackModule(CallbackBase):
         seconds = round(now - started, 2) if started else None
         body = res.get("json")
         if isinstance(body, dict) and isinstance(body.get("models"), list):  # /health/ready: a state per model
-            rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(
-                {"task": name, "model": str(m.get("model")), "ok": bool(m.get("ready")), "status": m.get("state"),
-                 "seconds": seconds} for m in body["models"] if isinstance(m, dict))
+            self._gate_rows(rec, ({"task": name, "model": str(m.get("model")), "ok": bool(m.get("ready")),
+                                   "status": m.get("state"), "seconds": seconds}
+                                  for m in body["models"] if isinstance(m, dict)))
             return
         item = res.get("item") if isinstance(res.get("item"), dict) else res.get("_ansible_item_label", res.get("item"))
         status = res.get("status")
@@ -209,7 +229,7 @@ class CallbackModule(CallbackBase):
             entry["error"] = _first_line(error.get("message") if isinstance(error, dict) else error, 300)
         if failed:
             entry["error"] = _error_text(res)
-        rec["rollback_gate" if rec["rollback_ran"] else "gate"].append(entry)
+        self._gate_rows(rec, [entry])
 
     def _record(self, result: Any, failed: bool = False) -> None:
         task, res = result._task, result._result
@@ -226,7 +246,9 @@ class CallbackModule(CallbackBase):
                 rec["release_after"] = value.get("release")
                 rec["release_attempted"] = value.get("attempted", value.get("release"))
             elif key == "vilms_stack_gate_rows" and isinstance(value, list):  # the gate's requests, no_log
-                rec["rollback_gate" if rec["rollback_ran"] else "gate"].extend(r for r in value if isinstance(r, dict))
+                self._gate_rows(rec, (r for r in value if isinstance(r, dict)))
+            elif key == POLICY_FACT and isinstance(value, dict):
+                self._policy = value
             elif key.startswith(FLEET_FACT_PREFIX):
                 rec[key[len(FLEET_FACT_PREFIX):]] = value
         if "results" not in res:  # loop results arrive item by item below
@@ -239,6 +261,10 @@ class CallbackModule(CallbackBase):
         self._record(result)
 
     def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        if _task_name(result._task).startswith(HALT_PREFIX) and self._in_rollout and self._rollout:
+            # The batch stops before it changes anything: its hosts are untouched, not failed.
+            self._halt = {"batch": len(self._rollout["batches"]), "reason": _error_text(result._result)}
+            return
         if ignore_errors:
             self._record(result)
         else:
@@ -260,6 +286,8 @@ class CallbackModule(CallbackBase):
         """A host's outcome from what it reported itself; `halted` is decided afterwards, per batch."""
         if stats.dark.get(name) or rec.get("unreachable"):
             return "unreachable"
+        if rec.get("not_started"):  # its batch was stopped by the fleet-wide limit before its first change
+            return "untouched"
         result = (rec.get("result") or {}).get("result")
         if result in RESULTS:
             return RESULTS[result]
@@ -275,15 +303,28 @@ class CallbackModule(CallbackBase):
             return "untouched"
         return "updated" if rec["changed"] else "unchanged"
 
+    def _undo_halted_batch(self) -> None:
+        """The batch the fleet-wide limit stopped at its first task never started: drop it, unbatch its hosts."""
+        rollout, halt = self._rollout, self._halt
+        if not (rollout and halt and rollout["batches"] and rollout["batches"][-1]["index"] == halt["batch"]):
+            return
+        for name in rollout["batches"].pop()["hosts"]:
+            rec = self._host(name)
+            rec.update(batch=None, not_started=True, start_s=None, end_s=None, last_task=None)
+
     def _judge_rollout(self, rollout: dict[str, Any]) -> None:
         """Did the rollout halt, and in which batch? Ansible says "no hosts remaining" when a budget is spent
         mid-batch, but a batch whose every host failed ends quietly: hosts that never got a batch show it too."""
         untouched = [h for h in rollout["hosts"] if self._hosts[h]["batch"] is None]
         last = rollout["batches"][-1]
         failed = [h for h in last["hosts"] if self._hosts[h]["outcome"] in FAILED]
-        if untouched or (last.get("stopped") and failed):
+        if self._halt:  # the fleet-wide limit, checked before the next batch; the batches run were within budget
+            rollout.update(halted=True, halted_in_batch=last["index"], halted_by="fleet_limit",
+                           halt_reason=f"{self._halt['reason']}; {len(untouched)} host(s) untouched")
+        elif untouched or (last.get("stopped") and failed):
             rollout["halted"] = True
             rollout["halted_in_batch"] = last["index"]
+            rollout["halted_by"] = "batch_budget"
             rollout["halt_reason"] = (f"{', '.join(failed) or 'the batch'} failed; failure budget "
                                       f"{rollout['max_fail_percentage']:g}% per batch; {len(untouched)} host(s) untouched")
             for h in last["hosts"]:  # stopped where they were, with no result of their own
@@ -301,6 +342,7 @@ class CallbackModule(CallbackBase):
             return  # a playbook that rolled nothing out (a lint run, a probe playbook) gets no report
         for name in list(stats.processed) + list(self._hosts):
             self._host(name)
+        self._undo_halted_batch()
         for name, rec in self._hosts.items():
             rec["outcome"] = self._outcome(name, rec, stats)
             if rec["start_s"] is not None:
