@@ -318,8 +318,9 @@ class CallbackModule(CallbackBase):
         untouched = [h for h in rollout["hosts"] if self._hosts[h]["batch"] is None]
         last = rollout["batches"][-1]
         failed = [h for h in last["hosts"] if self._hosts[h]["outcome"] in FAILED]
-        if self._halt:  # the fleet-wide limit, checked before the next batch; the batches run were within budget
-            rollout.update(halted=True, halted_in_batch=last["index"], halted_by="fleet_limit",
+        if self._halt:  # checked before the next batch: the fleet-wide limit, or a batch that lost hosts unreachable
+            by = "batch_budget" if self._halt["reason"].startswith("batch budget") else "fleet_limit"
+            rollout.update(halted=True, halted_in_batch=last["index"], halted_by=by,
                            halt_reason=f"{self._halt['reason']}; {len(untouched)} host(s) untouched")
         elif untouched or (last.get("stopped") and failed):
             rollout["halted"] = True

@@ -34,7 +34,8 @@ BIN = Path(sys.executable).parent
 # `real_gate` the deploy gates through the real tasks/gate.yml and a failure takes the real tasks/rollback.yml;
 # without it the host's fate decides (ok, rollback, down), as in test_fleet_report.py. Fate `breaks`: the host passes
 # its first gate, then its release stops answering (what the soak's second gate can catch). Fate `locked`: another
-# run takes the host's rollout lock after its first gate.
+# run takes the host's rollout lock after its first gate. Fate `vanishes`: the box drops off the network mid-deploy
+# (its connection now points at a closed port: unreachable, as a box that lost its link or rebooted).
 STACK_MAIN = """\
 ---
 - name: Stack | Deploy and gate (stand-in for tasks/deploy.yml)
@@ -45,6 +46,15 @@ STACK_MAIN = """\
         vilms_stack_release: r-new
         vilms_stack_release_dir: "{{ vilms_stack_dir }}/releases/r-new"
         vilms_stack_plan: "{{ lookup('ansible.builtin.file', vilms_stack_dir ~ '/releases/r-new/plan.json') | from_json }}"
+    - name: Deploy | (stand-in) The box goes offline mid-deploy (its next task cannot reach it)
+      ansible.builtin.set_fact:
+        ansible_connection: ssh
+        ansible_host: 127.0.0.1
+        ansible_port: 9
+      when: fate == 'vanishes'
+    - name: Deploy | (stand-in) Reach the box
+      ansible.builtin.ping:
+      when: fate == 'vanishes'
     - name: Deploy | Gate the release
       ansible.builtin.include_tasks: gate.yml
       vars:
@@ -266,6 +276,21 @@ def test_fleet_wide_limit_halts_a_rollout_whose_every_batch_stayed_within_its_bu
         assert report["hosts"][name]["batch"] is None and report["hosts"][name]["gate"] == []
         assert report["hosts"][name]["failed_task"] is None and report["hosts"][name]["error"] is None
     assert "rolled back to release r-old, healthy" in report["hosts"]["b1"]["error"]
+
+
+def test_a_box_that_goes_offline_mid_deploy_spends_the_batch_budget(tmp_path, gateway):
+    """Before: Ansible's max_fail_percentage counts failed hosts, not unreachable ones, so with the default budget
+    of 0 a batch that lost a box mid-deploy went on to the next batch as if nothing had happened."""
+    fates = {"b1": "ok", "b2": "vanishes", "b3": "ok", "b4": "ok"}
+    rc, report, log = run(tmp_path, gateway, fates, extra={"vilms_rollout_batches": [2, 2]})
+    assert rc != 0
+    assert outcomes(report) == {"b1": "updated", "b2": "unreachable", "b3": "untouched", "b4": "untouched"}, log[-4000:]
+    rollout = report["rollout"]
+    assert batches(report) == [["b1", "b2"]]
+    assert (rollout["halted"], rollout["halted_in_batch"], rollout["halted_by"]) == (True, 1, "batch_budget")
+    assert rollout["halt_reason"].startswith("batch budget exceeded: 1 of the 2 host(s) of the previous batch failed "
+                                             "or became unreachable mid-play (b2)"), rollout
+    assert report["retry"] == ["b2", "b3", "b4"]
 
 
 def test_soak_second_gate_catches_a_host_that_breaks_after_its_first_gate(tmp_path, gateway):
