@@ -184,8 +184,34 @@ def gateway(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.shutdown()
 
 
-def stand_ins(tmp: Path) -> tuple[Path, Path]:
-    """The roles path (the real vilms_stack with a stand-in deploy, no-op roles before it) and the collections path."""
+# The real tasks/main.yml (plan, weights, lock, ship, deploy/rescue, prune, always: unlock and render removal,
+# verdict) with its leaves standing in: fate `weights` fails while shipping weights, after the lock is taken.
+REAL_MAIN_LEAVES = {
+    "plan.yml": """\
+- name: Plan | (stand-in) The plan names one model's weights
+  ansible.builtin.set_fact:
+    vilms_stack_plan: {weights: [{name: LLM, files: 1}], engine_tag: test}
+""",
+    "weights.yml": "[]\n",
+    "weights-prune.yml": "[]\n",
+    "weights-ship.yml": """\
+- name: Weights | Verify the shipped files (size + sha256) before the release is switched
+  ansible.builtin.fail:
+    msg: "LLM/model.safetensors: sha256 of the shipped file does not match the controller's (link dropped?)"
+  when: fate == 'weights'
+""",
+    "deploy.yml": """\
+- name: Result | (stand-in deploy) Remember the outcome
+  ansible.builtin.set_fact:
+    vilms_stack_result: {result: deployed, release: r-new, attempted: r-new, host: "{{ inventory_hostname }}",
+                         message: "release r-new deployed, every model answered"}
+""",
+}
+
+
+def stand_ins(tmp: Path, real_main: bool = False) -> tuple[Path, Path]:
+    """The roles path (the real vilms_stack with a stand-in deploy, no-op roles before it) and the collections path.
+    `real_main`: the role's own tasks/main.yml, its leaves standing in (REAL_MAIN_LEAVES)."""
     roles = tmp / "roles"
     if roles.exists():
         return roles, tmp / "collections"
@@ -194,7 +220,8 @@ def stand_ins(tmp: Path) -> tuple[Path, Path]:
         (roles / role / "tasks" / "main.yml").write_text("---\n[]\n")
     (roles / "vilms_preflight" / "tasks" / "facts.yml").write_text("---\n[]\n")
     shutil.copytree(ROOT / "roles" / "vilms_stack", roles / "vilms_stack")
-    (roles / "vilms_stack" / "tasks" / "main.yml").write_text(STACK_MAIN)
+    for name, text in (REAL_MAIN_LEAVES.items() if real_main else [("main.yml", STACK_MAIN)]):
+        (roles / "vilms_stack" / "tasks" / name).write_text("---\n" + text if real_main else text)
     modules = tmp / "collections" / "ansible_collections" / "community" / "docker" / "plugins" / "modules"
     modules.mkdir(parents=True)
     (modules / "docker_compose_v2.py").write_text(COMPOSE_STANDIN)
@@ -202,7 +229,8 @@ def stand_ins(tmp: Path) -> tuple[Path, Path]:
 
 
 def run(tmp: Path, gateway: tuple[str, Path], fates: dict[str, str], all_vars: dict[str, Any] | None = None,
-        extra: dict[str, Any] | None = None, real_gate: bool = False) -> tuple[int, dict[str, Any], str]:
+        extra: dict[str, Any] | None = None, real_gate: bool = False,
+        real_main: bool = False) -> tuple[int, dict[str, Any], str]:
     """site.yml over `fates` (ok, rollback, down, breaks, locked), every host in dgpu; group_vars/all from all_vars."""
     url, flags = gateway
     hosts = {}
@@ -231,7 +259,7 @@ def run(tmp: Path, gateway: tuple[str, Path], fates: dict[str, str], all_vars: d
     # fast gates: /health/ready is polled once more after a 1 s delay
     (inventory / "group_vars" / "all.yml").write_text(yaml.safe_dump(
         {"flags": str(flags), "vilms_stack_gate_timeout": 1, "vilms_stack_gate_delay": 1, **(all_vars or {})}))
-    roles, collections = stand_ins(tmp)
+    roles, collections = stand_ins(tmp, real_main)
     reports = tmp / "reports"
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(roles),
            "ANSIBLE_COLLECTIONS_PATH": str(collections), "VILMS_FLEET_REPORT_DIR": str(reports),
@@ -291,6 +319,22 @@ def test_a_box_that_goes_offline_mid_deploy_spends_the_batch_budget(tmp_path, ga
     assert rollout["halt_reason"].startswith("batch budget exceeded: 1 of the 2 host(s) of the previous batch failed "
                                              "or became unreachable mid-play (b2)"), rollout
     assert report["retry"] == ["b2", "b3", "b4"]
+
+
+def test_a_failure_while_shipping_weights_spends_the_budget_and_releases_the_lock(tmp_path, gateway):
+    """The role's own control flow (tasks/main.yml): weights ship inside the block whose always releases the lock,
+    outside the deploy's rescue, so a failed transfer fails the host where Ansible's budget counts it."""
+    fates = {"w1": "ok", "w2": "weights", "w3": "ok", "w4": "ok"}
+    rc, report, log = run(tmp_path, gateway, fates, extra={"vilms_rollout_batches": [2, 2]}, real_main=True)
+    assert rc != 0
+    assert outcomes(report) == {"w1": "updated", "w2": "failed", "w3": "untouched", "w4": "untouched"}, log[-4000:]
+    w2 = report["hosts"]["w2"]
+    assert w2["failed_task"] == "Weights | Verify the shipped files (size + sha256) before the release is switched"
+    assert "sha256 of the shipped file does not match" in w2["error"]
+    assert (report["rollout"]["halted"], report["rollout"]["halted_by"]) == (True, "batch_budget")
+    assert report["retry"] == ["w2", "w3", "w4"]
+    assert not (tmp_path / "hosts" / "w2" / "rollout.lock").is_symlink()  # the always released it
+    assert not (tmp_path / "render" / "w2").exists()  # and removed the render (keys) from the controller
 
 
 def test_soak_second_gate_catches_a_host_that_breaks_after_its_first_gate(tmp_path, gateway):
