@@ -247,6 +247,29 @@ def test_non_stream_call_is_cancelled_when_the_caller_leaves(path, body):
             assert engine.started == 3  # each caller got a slot: none was left held
 
 
+def test_a_stream_caller_that_leaves_while_queued_for_a_slot_never_reaches_the_engine():
+    """Before the one pipeline, a streamed chat was not watched until its engine answered: a caller that left while
+    queued for the backend's only slot still took the slot when it freed and opened an upstream call for nobody."""
+    engine = HangingEngine()
+    with ThreadedServer(engine) as server:
+        config = {"serving": {"engine": "vllm", "vllm-base-url": server.url, "models": [{"name": "a", "engine": "vllm"}]},
+                  "gateway": {"backend-concurrency": 1, "backend-queue": 4, "queue-timeout": 60}}
+        body = orjson.dumps({"model": "a", "stream": True, "messages": [user("hi")]})
+        with gateway(config) as gw:
+            holder = raw_request(gw.port, len(body), body)  # takes the only slot; the engine never answers
+            wait_until(lambda: engine.started == 1)
+            queued = raw_request(gw.port, len(body), body)  # waits for the slot
+            wait_until(lambda: running_gauge(gw.url) == 2)
+            queued.close()  # the caller leaves while queued
+            wait_until(lambda: running_gauge(gw.url) == 1)
+            holder.close()  # the slot frees
+            wait_until(lambda: engine.cancelled == 1 and running_gauge(gw.url) == 0)
+            with pytest.raises(httpx.ReadTimeout):  # a fresh caller gets the slot at once: nothing else holds it
+                httpx.post(gw.url + CHAT, content=body, headers=JSON, timeout=httpx.Timeout(5, read=0.5))
+            wait_until(lambda: engine.started == 2)
+            assert engine.started == 2  # the caller that left never reached the engine
+
+
 # --- one request policy on every route ----------------------------------------------------------------------------
 
 class RecordingEngine:
