@@ -20,13 +20,13 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 OTHER_BOOT = "00000000-0000-4000-8000-000000000000"
 
 
-def take_lock(tmp: Path, stack_dir: Path) -> subprocess.CompletedProcess:
+def take_lock(tmp: Path, stack_dir: Path, then: list | None = None) -> subprocess.CompletedProcess:
     play = [{"hosts": "localhost", "gather_facts": False, "connection": "local",
              "vars": {"ansible_python_interpreter": sys.executable, "vilms_stack_dir": str(stack_dir),
                       "vilms_stack_lock_break": False,
                       "vilms_preflight_run_owner": "ops@controller pid 42 started 2026-12-04T00:00:00Z"},
              "tasks": [{"name": "Take the lock as the stack role does",
-                        "ansible.builtin.include_role": {"name": "vilms_stack", "tasks_from": "lock"}}]}]
+                        "ansible.builtin.include_role": {"name": "vilms_stack", "tasks_from": "lock"}}, *(then or [])]}]
     (tmp / "lock.yml").write_text(yaml.safe_dump(play))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0"}
@@ -63,3 +63,21 @@ def test_a_lock_naming_no_boot_is_never_guessed_stale(tmp_path):
     (stack / "rollout.lock").symlink_to("ops@old pid 7 started 2026-12-01T00:00:00Z")
     assert take_lock(tmp_path, stack).returncode != 0
     assert os.readlink(stack / "rollout.lock") == "ops@old pid 7 started 2026-12-01T00:00:00Z"
+
+
+def test_unlock_removes_only_this_runs_own_lock(tmp_path):
+    """A run that outlived a reboot (its lock taken over as stale by the next run) must not remove the new holder's
+    lock when it finishes: before, unlock removed whatever lock was there."""
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    newer = f"ops@other pid 9 started 2026-12-04T01:00:00Z boot {BOOT_ID}"
+    steps = [{"name": "Another run takes the lock over meanwhile", "ansible.builtin.command": {
+                 "argv": ["ln", "-sfn", newer, str(stack / "rollout.lock")]}, "changed_when": False},
+             {"name": "Release as the stack role does",
+              "ansible.builtin.include_role": {"name": "vilms_stack", "tasks_from": "unlock"}}]
+    run = take_lock(tmp_path, stack, steps)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert os.readlink(stack / "rollout.lock") == newer
+    own = take_lock(tmp_path, tmp_path / "own", [{"name": "Release", "ansible.builtin.include_role": {
+        "name": "vilms_stack", "tasks_from": "unlock"}}])
+    assert own.returncode == 0 and not (tmp_path / "own" / "rollout.lock").is_symlink(), own.stdout[-3000:]

@@ -575,3 +575,37 @@ def test_an_error_event_cut_across_chunks_is_scrubbed_whole():
         assert b"10.1.2.3" not in out and b"/srv/models" not in out, (cut, out)
         assert out.startswith(b'data: {"choices": []}\n\n') and out.endswith(b"data: [DONE]\n\n"), (cut, out)
         assert orjson.loads(out.split(b"\n\n")[1][6:])["error"]["code"] == 500, (cut, out)
+
+
+def test_stream_error_scrub_reads_every_error_shape_and_leaves_other_lines_alone():
+    from vilms.serve.engines.base import ErrorEvents
+
+    secret = "worker 10.1.2.3:6379 lost /srv/models/x.bin"
+    shapes = [{"type": "error", "message": secret, "code": "server_error"},  # Responses API error event
+              {"type": "response.failed", "response": {"id": "r", "status": "failed",
+                                                       "error": {"code": "server_error", "message": secret}}},
+              {"object": "error", "message": secret, "type": "InternalServerError", "code": 500},
+              {"error": secret}]
+    for shape in shapes:
+        for prefix in (b"data: ", b"data:"):
+            out = ErrorEvents()(prefix + orjson.dumps(shape) + b"\n\n")
+            assert b"10.1.2.3" not in out and b"/srv/models" not in out, (shape, out)
+    token = b'data:{"choices":[{"delta":{"content":"error"}}]}\n\n'  # no space after data:, the token "error"
+    assert orjson.loads(ErrorEvents()(token)[5:]) == orjson.loads(token[5:])
+    assert ErrorEvents()(b'event: x\ndata: not json, says "error" once\n\n') == \
+        b'event: x\ndata: not json, says "error" once\n\n'
+
+
+def test_a_long_stream_line_is_held_in_linear_time():
+    """The first ErrorEvents joined its held tail with every new chunk (quadratic): a 16 MiB line in 4 KiB chunks
+    held the event loop for about half a minute."""
+    import time
+
+    from vilms.serve.engines.base import ErrorEvents
+
+    errors, chunk = ErrorEvents(limit=2**30), b'x' * 4096
+    started = time.process_time()
+    out = [errors(b'data: {"error": {"message": "') ] + [errors(chunk) for _ in range(4096)]
+    out.append(errors(b'"}}\n\n'))
+    assert time.process_time() - started < 5  # linear: well under a second here; quadratic: tens of seconds
+    assert b"".join(out).startswith(b'data: {"error"') and b"".join(out).endswith(b"\n\n")

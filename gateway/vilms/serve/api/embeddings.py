@@ -41,5 +41,6 @@ async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
     else:
         result = await admitted.engine(route).embed(route, texts, parsed.dimensions)
         vectors, tokens = np.asarray(result.vectors, dtype=np.float32), result.prompt_tokens
-    admitted.obs.finish(200)
-    return Response(embedding_body(parsed.model, vectors, tokens, parsed.encoding_format), media_type=JSON)
+    body = embedding_body(parsed.model, vectors, tokens, parsed.encoding_format)
+    admitted.obs.finish(200)  # after the answer is built: a failure building it is counted as what it is
+    return Response(body, media_type=JSON)

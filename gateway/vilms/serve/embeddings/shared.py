@@ -124,7 +124,13 @@ class EncoderClient:
             self._reader_task = asyncio.create_task(self._read(reader), name="embed-encoder-client")
             future = asyncio.get_running_loop().create_future()
             self._send(b'["",[]]', lambda error, rows, body: _settle(future, error, body))
-            self.dimensions = orjson.loads(await future)
+            try:
+                self.dimensions = orjson.loads(await future)
+            except BaseException:  # the caller left (or the encoder failed) mid-handshake: the next caller reconnects
+                self._writer.close()
+                self._reader_task.cancel()
+                self._writer = None
+                raise
 
     async def embed(self, model: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """This caller's rows and token counts; its texts travel in the frame of this loop turn's callers."""

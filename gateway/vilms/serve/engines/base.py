@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -23,6 +24,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 JSON_HEADERS = {"Content-Type": "application/json"}
 MAX_REPLY_BYTES = 268435456  # gateway.max-reply-bytes
 MAX_LINE_BYTES = 16777216  # gateway.max-reply-line-bytes
+ERROR_TEXT_CHARS = 1000  # an error message is cut to this before it is scrubbed (as errors.backend_message does)
 ERROR_BODY_BYTES = 65536  # an engine's error text: only its first 500-1000 characters are kept anyway
 
 
@@ -272,47 +274,75 @@ class LineBuffer:
                             "(gateway.max-reply-line-bytes)", code="engine_reply_too_large")
 
 
+_ERROR_KEY = re.compile(rb'"error"\s*:')
+
+
 class ErrorEvents:
     """An engine's own SSE stream relayed as is, except its error events: their message loses hosts, addresses and
     paths, as every other error the gateway sends does.
 
     Lines are relayed whole: a line the socket split is held until its newline arrives (engines end every event
-    with one, so this is rare and brief; at most `limit` bytes), so no part of an error event goes out unscrubbed.
-    Only chunks holding `"error"` are parsed (a JSON string inside generated text is escaped, `\\"error\\"`)."""
+    with one, so this is rare and brief), its parts kept as LineBuffer keeps them (each byte joined once, at most
+    `limit` bytes), so no part of an error event goes out unscrubbed. Only chunks holding `"error"` are parsed."""
 
     def __init__(self, limit: int = MAX_LINE_BYTES):
-        self.carry, self.limit = b"", limit
+        self.parts: list[bytes] = []
+        self.size, self.limit = 0, limit
 
     def __call__(self, data: bytes) -> bytes:
-        if not self.carry and data.endswith(b"\n") and b'"error"' not in data:  # nearly every chunk: two scans in C
+        if not self.parts and data.endswith(b"\n") and b'"error"' not in data:  # nearly every chunk: two C scans
             return data
-        if self.carry:
-            data, self.carry = self.carry + data, b""
-        if not data.endswith(b"\n"):
-            head, sep, tail = data.rpartition(b"\n")
-            if len(tail) <= self.limit:
-                data, self.carry = head + sep, tail
-        return b"\n".join(self.scrubbed(line) for line in data.split(b"\n")) if b'"error"' in data else data
+        end = data.rfind(b"\n")
+        if end < 0:  # the line goes on: held, unless it is longer than any line may be
+            self.parts.append(data)
+            self.size += len(data)
+            return self.flush() if self.size > self.limit else b""
+        done = b"".join(self.parts) + data[:end + 1] if self.parts else data[:end + 1]
+        tail = data[end + 1:]
+        self.parts, self.size = ([tail], len(tail)) if tail else ([], 0)
+        return self.lines(done)
 
     def flush(self) -> bytes:
-        """The engine's last line, when it ended without a newline."""
-        out, self.carry = self.scrubbed(self.carry), b""
-        return out
+        """What is held (the engine's last line, when it ended without a newline; or an overlong line)."""
+        held = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        return self.lines(held) if held else b""
+
+    @classmethod
+    def lines(cls, data: bytes) -> bytes:
+        return b"\n".join(cls.scrubbed(line) for line in data.split(b"\n")) if b'"error"' in data else data
 
     @staticmethod
     def scrubbed(line: bytes) -> bytes:
         if b'"error"' not in line:
             return line
+        payload = line[5:].removeprefix(b" ") if line.startswith(b"data:") else line
         try:
-            event = orjson.loads(line[6:] if line.startswith(b"data: ") else line)
-        except orjson.JSONDecodeError:  # never relayed unread: an unreadable line naming an error becomes one
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:  # never relayed unread: an unreadable line with an error key becomes one
+            if not _ERROR_KEY.search(line):
+                return line
             return b"data: " + BackendError("engine stream error", code="engine_error").body()
-        error = event.get("error") if isinstance(event, dict) else None
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            error["message"] = scrub(error["message"])
-        elif isinstance(error, str):
-            event["error"] = scrub(error)
-        return b"data: " + orjson.dumps(event)
+        return b"data: " + orjson.dumps(scrub_event(event)) if isinstance(event, dict) else line
+
+
+def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
+    """Every error message an OpenAI-shaped stream event can carry, cut to ERROR_TEXT_CHARS and scrubbed: `error`
+    (object or string), an event that is itself an error (`type`/`object` "error", Responses' `error` event), a
+    failed response's `response.error`."""
+    holders = [event] if event.get("type") == "error" or event.get("object") == "error" else []
+    error = event.get("error")
+    if isinstance(error, str):
+        event["error"] = scrub(error[:ERROR_TEXT_CHARS])
+    elif isinstance(error, dict):
+        holders.append(error)
+    response = event.get("response")
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        holders.append(response["error"])
+    for holder in holders:
+        if isinstance(holder.get("message"), str):
+            holder["message"] = scrub(holder["message"][:ERROR_TEXT_CHARS])
+    return event
 
 
 def request_headers(obs: Observation) -> dict[str, str]:
