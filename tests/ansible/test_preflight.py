@@ -152,3 +152,6 @@ def test_a_declared_memory_the_probe_contradicts_fails_the_facts_preflight_namin
         run.stdout[-3000:]
     recap = run.stdout[run.stdout.index("PLAY RECAP"):]
     assert re.search(r"orin-a\s+:.*failed=1", recap) and re.search(r"orin-b\s+:.*failed=0", recap), recap
+    # the verdict stops every host there (any_errors_fatal), as a schema error does: no later play starts, for
+    # orin-b either (with these tags their tasks would be skipped, but their plays would still begin)
+    assert "PLAY [Runtime" not in run.stdout and "PLAY [Stack" not in run.stdout, run.stdout[-3000:]
