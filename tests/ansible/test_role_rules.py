@@ -18,7 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "schemas" / "vilms-config.schema.json"
-MERGE_HOME = ROOT / "roles" / "vilms_preflight" / "defaults" / "main.yml"
+MERGE_HOME = ROOT / "roles" / "vilms_preflight" / "vars" / "main.yml"
 # `<expr> | default(<literal>)`: the expression's last key (a name, .attr, ['key'] or ["key"]) and the literal.
 DEFAULTED = re.compile(r"""(?:\[['"](?P<item>[\w-]+)['"]\]|(?P<attr>[A-Za-z_][\w]*))\s*\|\s*default\(\s*(?P<lit>[^,()]*)[,)]""")
 BARE = re.compile(r"(?<![\w.\]'\"])(?P<name>[A-Za-z_]\w*)\s*\|\s*default\(")
