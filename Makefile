@@ -93,10 +93,11 @@ fleet-down:
 image-arm64: install
 	$(PY) gateway/cross_image.py --arch arm64 --tag vilms/gateway:0.1.0 --out .cache/images/gateway-arm64.tar
 
-# Preflight render of a HOSTS-box fleet in one process vs one process per host (bench/results/preflight.md).
+# The preflight of a HOSTS-box fleet shaped like inventories/example: `ansible-playbook site.yml --tags preflight`
+# (no host contacted), and its render alone, in one process vs one process per host (bench/results/preflight.md).
 HOSTS ?= 500
 bench-preflight: install
-	$(PY) -m bench.preflight --hosts $(HOSTS)
+	$(PY) -m bench.preflight --hosts $(HOSTS) --ansible
 
 fleet-bench: install system
 	$(FLEET_ENV) $(PY) -m bench.fleet --n $(N)
