@@ -170,7 +170,8 @@ def test_a_local_store_with_a_tampered_blob_is_refused(tmp_path, registry):
     copied = store.fetch_model("local:1", tmp_path / "c1", store.StoreSource(source))
     assert copied.downloaded == copied.total_bytes
     blob = source / copied.blobs[-1].path
-    blob.write_bytes(b"x" + blob.read_bytes()[1:])  # same size, other bytes
+    data = blob.read_bytes()
+    blob.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other bytes (a flip, never the same byte)
     with pytest.raises(store.StoreError, match="does not match its digest"):
         store.fetch_model("local:1", tmp_path / "c2", store.StoreSource(source))
     assert not (tmp_path / "c2" / copied.blobs[-1].path).exists()
