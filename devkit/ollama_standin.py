@@ -73,20 +73,39 @@ class Generator:
 
 
 class ModelStore:
-    """The pulled/created model names, kept in a file of the models directory when one is given."""
+    """The pulled/created model names, kept in a file of the models directory when one is given; plus, as Ollama
+    does, every model whose manifest is in the directory's store layout (`manifests/<registry>/<ns>/<model>/<tag>`),
+    read on each listing, so models shipped into the volume while the server runs are listed."""
 
     def __init__(self, models: list[str], directory: Path | None = None):
+        self.directory = directory
         self.path = directory / "vilms-standin-models.json" if directory else None
-        self.names = set(models)
+        self.own = set(models)
         if self.path is not None and self.path.exists():
-            self.names |= set(json.loads(self.path.read_text()))
+            self.own |= set(json.loads(self.path.read_text()))
+
+    @property
+    def names(self) -> set[str]:
+        return self.own | self.manifests()
+
+    def manifests(self) -> set[str]:
+        root = self.directory / "manifests" if self.directory else None
+        if root is None or not root.is_dir():
+            return set()
+        found = set()
+        for tag in root.glob("*/*/*/*"):
+            registry, namespace, model = tag.parts[-4:-1]
+            prefix = "" if registry == "registry.ollama.ai" and namespace == "library" else (
+                f"{namespace}/" if registry == "registry.ollama.ai" else f"{registry}/{namespace}/")
+            found.add(f"{prefix}{model}:{tag.name}")
+        return found
 
     def add(self, name: str) -> None:
-        self.names.add(name)
+        self.own.add(name)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(sorted(self.names)))
+            tmp.write_text(json.dumps(sorted(self.own)))
             tmp.replace(self.path)
 
 
@@ -94,10 +113,10 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
                embed_dim: int = 8, store: Path | None = None) -> Starlette:
     state: dict[str, Any] = {"store": ModelStore(models, store), "requests": [], "headers": [],
                              "generator": Generator(gguf)}
-    state["models"] = state["store"].names
 
     def known(name: str) -> bool:
-        return name in state["models"] or name.split(":")[0] in {m.split(":")[0] for m in state["models"]} or name == "fail-midstream"
+        names = state["store"].names
+        return name in names or name.split(":")[0] in {m.split(":")[0] for m in names} or name == "fail-midstream"
 
     def not_found(name: str) -> Response:
         return Response(orjson.dumps({"error": f"model '{name}' not found"}), status_code=404,
@@ -120,7 +139,7 @@ def create_app(models: list[str], gguf: str | None = None, token_delay_ms: float
         return Response(orjson.dumps({"models": [
             {"name": m, "model": m, "modified_at": _now(), "size": 1, "digest": hashlib.sha256(m.encode()).hexdigest(),
              "details": {"format": "gguf", "family": "llama", "parameter_size": "1M", "quantization_level": "F32"}}
-            for m in sorted(state["models"])]}), media_type="application/json")
+            for m in sorted(state["store"].names)]}), media_type="application/json")
 
     async def pull(request: Request) -> Response:
         body = orjson.loads(await request.body())

@@ -75,6 +75,9 @@ images() {
   "$venv_py" -m pip download -q --only-binary=:all: -d "$here/context/wheels" numpy diskcache jinja2 typing-extensions \
     fastapi uvicorn sse-starlette starlette-context pydantic-settings orjson
   "$venv_py" -m devkit.tiny_model "$here/context/tiny.gguf" >/dev/null
+  # The Jetson scenarios' Ollama models as a local Ollama store on the controller (vilms_stack_ollama_local_store).
+  PYTHONPATH="$root/gateway:$root" "$venv_py" -m devkit.ollama_models "$cache/ollama-store" --gguf "$here/context/tiny.gguf" \
+    qwen2.5:3b qwen2.5vl:3b
   build_and_save vilms/gateway:rig "$root/gateway/Dockerfile" "$cache/images/gateway.tar" --build-arg PIP_ARGS=--no-index
   build_and_save vilms/gateway:rig-emb "$root/gateway/Dockerfile" "$cache/images/gateway-emb.tar" \
     --build-arg PIP_ARGS=--no-index --build-arg VARIANT=embeddings

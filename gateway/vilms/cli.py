@@ -255,7 +255,7 @@ def cmd_ollama(args: argparse.Namespace) -> int:
     retry = store.Retry(attempts=args.retries, delay=args.retry_delay)
     source = store.StoreSource(args.store) if args.store else store.RegistrySource(args.registry, retry=retry)
     try:
-        fetched = store.fetch_models(names, args.cache, source)
+        fetched = store.fetch_models(names, args.cache, source, check=args.check)
     except store.StoreError as exc:
         print(f"vilms ollama fetch: {exc}", file=sys.stderr)
         return 1
@@ -305,6 +305,7 @@ def _ollama_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--store", help="a local Ollama models directory to copy from instead")
     f.add_argument("--retries", type=int, default=5, help="attempts per transfer (resumed after a dropped link)")
     f.add_argument("--retry-delay", type=float, default=2.0, help="seconds before the second attempt (doubles)")
+    f.add_argument("--check", action="store_true", help="read the manifests only (sizes, digests): no blob, no write")
     p.set_defaults(func=cmd_ollama)
 
 

@@ -87,15 +87,26 @@ class Fetched:
     manifest: str
     blobs: list[Blob]
     downloaded: int = 0
+    manifest_bytes: bytes = b""
 
     @property
     def total_bytes(self) -> int:
         return sum(b.size for b in self.blobs)
 
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        """Every file the model is on a host's store, as the role's probe checks them: {path, size, sha256}.
+
+        The manifest comes last: the role ships in this order, so a host never has a manifest without its blobs."""
+        blobs = [{"path": b.path, "size": b.size, "sha256": b.digest.partition(":")[2]} for b in self.blobs]
+        return blobs + [{"path": self.manifest, "size": len(self.manifest_bytes),
+                         "sha256": hashlib.sha256(self.manifest_bytes).hexdigest()}]
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "manifest": self.manifest, "bytes": self.total_bytes,
                 "downloaded": self.downloaded,
-                "blobs": [{"digest": b.digest, "size": b.size, "path": b.path} for b in self.blobs]}
+                "blobs": [{"digest": b.digest, "size": b.size, "path": b.path} for b in self.blobs],
+                "files": self.files}
 
 
 @dataclass
@@ -231,8 +242,11 @@ class StoreSource:
         return blob.size
 
 
-def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource | StoreSource) -> Fetched:
-    """Bring one model into `cache` (a store layout) and verify every blob; a blob already there is not fetched."""
+def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource | StoreSource,
+                check: bool = False) -> Fetched:
+    """Bring one model into `cache` (a store layout) and verify every blob; a blob already there is not fetched.
+
+    `check` (a rollout's --check): read the manifest only, so the sizes are known; no blob, nothing written."""
     ref = ModelRef.parse(name)
     root = Path(cache)
     raw = source.manifest(ref, name)
@@ -241,7 +255,9 @@ def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource
     except ValueError:
         raise StoreError(f"{name}: the manifest is not JSON") from None
     blobs = blobs_of(manifest, name)
-    fetched = Fetched(name, ref.manifest_path, blobs)
+    fetched = Fetched(name, ref.manifest_path, blobs, manifest_bytes=raw)
+    if check:
+        return fetched
     for blob in blobs:
         target = root / blob.path
         if _verified(target, blob):
@@ -255,8 +271,8 @@ def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource
 
 
 def fetch_models(names: Iterable[str], cache: str | os.PathLike[str],
-                 source: RegistrySource | StoreSource) -> list[Fetched]:
-    return [fetch_model(name, cache, source) for name in dict.fromkeys(names)]
+                 source: RegistrySource | StoreSource, check: bool = False) -> list[Fetched]:
+    return [fetch_model(name, cache, source, check) for name in dict.fromkeys(names)]
 
 
 def plan_models(plan: dict[str, Any]) -> list[str]:

@@ -184,6 +184,7 @@ def build_plan(config: Config, mode: str, platform: str, digest: str, files: lis
         "ollama_adapters": _ollama_adapters(config, engines),
         "gate": {"chat": chat, "embedding": embedding, "models": router.names(), "key": gate_key},
         "models_dir": docker["models-dir"],
+        "ollama_dir": docker["ollama-dir"],
         "weights": _weights(config),
         "files": files,
     }
