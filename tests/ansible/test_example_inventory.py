@@ -3,11 +3,15 @@ site.yml, pass the full health gate, then answer through the official openai cli
 without the rig: its SKU layers fit every board (`vilms plan --inventory`), and the preflight and
 `vilms plan --inventory` see the same effective config for every host.
 
-Swapped: host names (one dgpu rig host), the stand-in images (shipped as archives, as air-gapped sites do), the
-stand-ins for the NVIDIA driver (molecule/resources/prepare.yml) and the hub: the example's own model ids are
-published to a loopback stand-in of the Hugging Face file API (tiny random weights for the vLLM model, MiniLM's
-files for the embedding model) and the role fetches them with the real huggingface_hub. Everything else — models,
-aliases, engines, gateway tag with the embeddings variant chosen automatically — is the example's.
+Swapped: host names (one dgpu rig host, one Orin Nano rig host), the stand-in images (shipped as archives, as
+air-gapped sites do), the stand-ins for the NVIDIA driver and JetPack (molecule/resources/prepare.yml), and the two
+sources the controller fetches models from: the example's own model ids are published to a loopback stand-in of the
+Hugging Face file API (tiny random weights for the vLLM model, MiniLM's files for the embedding model), fetched with
+the real huggingface_hub; the Jetson's Ollama model is pushed to a real registry (Debian's docker-registry) on the
+controller's loopback, as a site mirror of Ollama's registry would hold it. Both boxes start with Debian's Docker installed (as a
+flashed Jetson does) and sit on a Docker network with no route out (`--internal`): everything else they get comes
+from the controller. Everything else — models, aliases,
+engines, SKU layers, gateway tag with the embeddings variant chosen automatically — is the example's.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devkit import ollama_models
 from devkit.hub_standin import HubStandin, publish_tiny
-from devkit.rig_image import BASE_IMAGE
-from tests.support import minilm_path
+from devkit.fleet import box_image, docker_client
+from tests.support import docker_registry, minilm_path, tiny_gguf
 
 NEEDS_RIG = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("dockerd") is None,
                                reason="the rig needs root and dockerd (make system)")
@@ -34,6 +39,8 @@ BIN = Path(sys.executable).parent
 RIG = ROOT / "devkit" / "rig" / "rig.sh"
 PREFIX = os.environ.get("VILMS_RIG_PREFIX", "vilms-rig")
 HOST = f"{PREFIX}-example-gpu-01"
+JETSON = f"{PREFIX}-example-jetson-01"
+OFFLINE = f"{PREFIX}-example-offline"  # a Docker network with no route out
 CACHE = Path(os.environ.get("VILMS_RIG_CACHE", ROOT / ".cache" / "rig"))
 # The gateway image as the rig builds it; a session that must not retag shared images passes its own.
 GATEWAY = os.environ.get("VILMS_EXAMPLE_GATEWAY", "vilms/gateway:rig-emb")
@@ -61,14 +68,21 @@ def example_rig(rig):
 
 @pytest.fixture()
 def host(example_rig):
-    subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
-    subprocess.run(["docker", "run", "-d", "--name", HOST, "--hostname", HOST, "--privileged", "--cgroupns", "private",
-                    "-v", "/var/lib/docker", BASE_IMAGE, "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'],
-                   check=True, capture_output=True)
+    def clean() -> None:
+        subprocess.run(["docker", "rm", "-fv", HOST, JETSON], capture_output=True)
+        subprocess.run(["docker", "network", "rm", OFFLINE], capture_output=True)
+
+    clean()
+    image = box_image(docker_client(), bare=False)  # Docker preinstalled, as a flashed Jetson or an offline server has
+    subprocess.run(["docker", "network", "create", "--internal", OFFLINE], check=True, capture_output=True)
+    for name in (HOST, JETSON):
+        subprocess.run(["docker", "run", "-d", "--name", name, "--hostname", name, "--network", OFFLINE,
+                        "--privileged", "--cgroupns", "private", "-v", "/var/lib/docker", image,
+                        "bash", "-c", 'trap "exit 0" TERM; sleep infinity & wait'], check=True, capture_output=True)
     try:
         yield HOST
     finally:
-        subprocess.run(["docker", "rm", "-fv", HOST], capture_output=True)
+        clean()
 
 
 def publish_example_models(hub_root: Path) -> None:
@@ -78,16 +92,29 @@ def publish_example_models(hub_root: Path) -> None:
     shutil.copytree(minilm_path(), e5, ignore=shutil.ignore_patterns(".*"))
 
 
-def copy_example(tmp: Path, hub_url: str) -> Path:
+def copy_example(tmp: Path, hub_url: str, ollama_registry: str) -> Path:
     """inventories/example/ as a new site would copy it; then only the rig's swaps are added."""
     site = tmp / "site"
     shutil.copytree(ROOT / "inventories" / "example", site)
     repo, _, tag = GATEWAY.rpartition(":")
     hosts = yaml.safe_load((site / "hosts.yml").read_text())
     hosts["all"]["children"]["dgpu"]["hosts"] = {HOST: None}  # one rig host for the example's dgpu servers
-    for sku in hosts["all"]["children"]["jetsons"]["children"].values():  # no Jetson in the rig
+    for sku in hosts["all"]["children"]["jetsons"]["children"].values():
         sku["hosts"] = {}
+    hosts["all"]["children"]["jetsons"]["children"]["orin_nano_8gb"]["hosts"] = {JETSON: None}  # and its smallest board
     (site / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    (site / "host_vars" / f"{JETSON}.yml").write_text(yaml.safe_dump({
+        "ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_become": False, "ansible_user": "root",
+        # An x86_64 box stands in for the arm64 board (the L4T file and nvidia runtime come from prepare.yml); its
+        # memory is the controller's, not the Orin Nano's 8 GB, so the capacity plan (tested without the rig) is off.
+        "vilms_architecture": "aarch64", "jetson_runtime_packages": [], "vilms_capacity_check": False,
+        "vilms_stack_image_archives": [
+            {"image": "vilms/gateway:rig", "src": str(CACHE / "images" / "gateway.tar")},
+            {"image": "vilms-rig/engines:r36.4.0", "src": str(CACHE / "images" / "engines.tar")}],
+        "vilms_config_host": {"docker": {
+            "pull-policy": "never", "image": {"gateway": "vilms/gateway", "ollama": "vilms-rig/engines"},
+            "tag": {"gateway": "rig"}}}}))
     (site / "host_vars" / f"{HOST}.yml").write_text(yaml.safe_dump({
         "ansible_connection": "community.docker.docker", "ansible_python_interpreter": "/usr/bin/python3",
         "ansible_become": False, "ansible_user": "root",
@@ -108,7 +135,9 @@ def copy_example(tmp: Path, hub_url: str) -> Path:
                                        {"image": "vilms-rig/engines:standin", "src": str(CACHE / "images" / "engines.tar")}],
         "vilms_stack_gate_delay": 2,
         "vilms_stack_hf_endpoint": hub_url,
-        "vilms_stack_weights_cache": str(tmp / "weights-cache")}))
+        "vilms_stack_weights_cache": str(tmp / "weights-cache"),
+        "vilms_stack_ollama_registry": ollama_registry,
+        "vilms_stack_ollama_cache": str(tmp / "ollama-cache")}))
     return site / "hosts.yml"
 
 
@@ -129,8 +158,9 @@ def container_ip(name: str) -> str:
 def test_example_inventory_deploys_as_written(host, tmp_path):
     hub_root = tmp_path / "hub"
     publish_example_models(hub_root)
-    with HubStandin(hub_root) as hub:
-        inventory = copy_example(tmp_path, hub.url)
+    with HubStandin(hub_root) as hub, docker_registry(tmp_path / "ollama-registry") as ollama_registry:
+        pushed = ollama_models.push(ollama_registry, "qwen2.5vl:3b", tiny_gguf().read_bytes())  # the Orin Nano's model
+        inventory = copy_example(tmp_path, hub.url, ollama_registry)
         prepared = playbook(inventory, ROOT / "molecule" / "resources" / "prepare.yml", tmp_path / "prepare.log")
         assert prepared.returncode == 0, (tmp_path / "prepare.log").read_text()[-4000:]
         log = ROOT / ".cache" / "example-inventory.log"
@@ -140,8 +170,25 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
         assert result.returncode == 0, f"site.yml on the example inventory failed; last lines of {log}:\n{text[-8000:]}"
         assert "Gate | One short chat completion per chat model" in text and "Gate | One embedding per" in text
         assert "Weights | Verify size and sha256 of every file on the host" in text
+        assert "Ollama | Verify size and sha256 of every blob and manifest on the host" in text
         downloads = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
         assert len(downloads) == len(set(downloads)) and downloads  # each file fetched once
+
+    # The boxes have no route out; the Jetson's model arrived from the controller, every blob equal to its digest,
+    # and its Ollama pulled nothing (the stand-in records a pull in its store, as Ollama keeps what it pulled).
+    for box in (HOST, JETSON):
+        probe = subprocess.run(["docker", "exec", box, "python3", "-c",
+                                "import socket; socket.create_connection(('192.0.2.1', 80), timeout=5)"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "unreachable" in probe.stderr, probe.stderr
+    store = "/opt/vilms/ollama/models"
+    for part in [pushed["config"], *pushed["layers"]]:
+        path = f"{store}/blobs/{part['digest'].replace(':', '-')}"
+        digest = subprocess.run(["docker", "exec", JETSON, "sha256sum", path], check=True, capture_output=True,
+                                text=True).stdout.split()[0]
+        assert f"sha256:{digest}" == part["digest"]
+    assert subprocess.run(["docker", "exec", JETSON, "test", "-e", f"{store}/vilms-standin-models.json"]).returncode == 1
+    assert not [line for line in text.splitlines() if "Pull Ollama models on the host" in line and "included" in line]
 
     shipped = subprocess.run(["docker", "exec", HOST, "cat",
                               "/opt/vilms/models/qwen-qwen3-4b-instruct-2507/.vilms-weights.json"],
@@ -165,6 +212,11 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
     assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
     listed = {m.id for m in client.models.list().data}
     assert {"LLM", "LLM_SMALL", "LLM_QWEN3", "VLM", "Embedding", "Qwen/Qwen3-4B-Instruct-2507"} <= listed
+
+    jetson = openai.OpenAI(base_url=f"http://{container_ip(JETSON)}:8989/v1", api_key=key, max_retries=0, timeout=120)
+    answer = jetson.chat.completions.create(model="VLM_SMALL", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content is not None
+    assert {m.id for m in jetson.models.list().data} >= {"qwen2.5vl:3b", "LLM", "VLM_SMALL"}
 
 
 # --- the example's layers, without the rig ------------------------------------------------------------------------

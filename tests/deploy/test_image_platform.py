@@ -111,3 +111,40 @@ def test_the_arm64_image_loads_as_arm64_and_answers_under_emulation(rig, tmp_pat
         assert answer is not None and answer.status_code == 200 and answer.json() == {"status": "ok"}
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+PLAY = """
+- hosts: box
+  gather_facts: true
+  tasks:
+    - name: The stack's archive check, as site.yml runs it before anything changes
+      ansible.builtin.include_role:
+        name: vilms_stack
+        tasks_from: image-platform.yml
+"""
+
+
+def stack_archive_check(tmp_path: Path, archive: Path, machine: str) -> subprocess.CompletedProcess:
+    """The vilms_stack role's check on a local-connection host whose kernel says `machine` (the one stand-in)."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"box": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "vilms_stack_image_source": "archive",
+        "vilms_stack_image_archives": [{"image": "vilms/gateway:x", "src": str(archive)}]}}}}))
+    (tmp_path / "play.yml").write_text(PLAY)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+           "ANSIBLE_NOCOLOR": "1", "HOME": str(tmp_path)}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+                           str(tmp_path / "play.yml"), "-e", f"vilms_stack_image_machine={machine}"],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+
+
+@pytest.mark.ansible
+def test_the_stack_refuses_an_amd64_archive_for_a_jetson_before_anything_changes(tmp_path):
+    amd64 = oci_layout(tmp_path, "amd64")
+    refused = stack_archive_check(tmp_path, amd64, "aarch64")
+    assert refused.returncode == 2, refused.stdout[-3000:]
+    assert "box: vilms image platform: oci-amd64.tar is built for linux/amd64 but the host is aarch64 (arm64)" in \
+        refused.stdout and "Nothing was changed." in refused.stdout, refused.stdout[-3000:]
+    accepted = stack_archive_check(tmp_path, oci_layout(tmp_path, "arm64"), "aarch64")
+    assert accepted.returncode == 0, accepted.stdout[-3000:]

@@ -18,9 +18,9 @@ from typing import Iterator
 
 import httpx
 import pytest
-import yaml
 
 from tests.deploy.test_render import SEED, render_dir
+from tests.support import docker_registry
 from vilms.deploy import ollama_store as store
 
 REGISTRY = shutil.which("docker-registry")
@@ -35,25 +35,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("registry")
-    port = free_port()
-    (root / "config.yml").write_text(yaml.safe_dump({
-        "version": 0.1, "log": {"level": "error"}, "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-        "http": {"addr": f"127.0.0.1:{port}"}}))
-    proc = subprocess.Popen([REGISTRY, "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/v2/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                threading.Event().wait(0.05)  # the registry is starting: poll, bounded
+    with docker_registry(tmp_path_factory.mktemp("registry")) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def push_model(url: str, repository: str, tag: str, layers: list[bytes]) -> dict:
