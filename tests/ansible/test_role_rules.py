@@ -128,3 +128,65 @@ def test_no_role_reaches_outside_itself():
 ])
 def test_the_restatement_check_sees_what_it_should(text, hits):
     assert len(restated(text, schema_defaults())) == hits
+
+
+# --- become: on the boxes, never on the controller (issue 20 item 6) -----------------------------------------------
+# A task delegated to the controller inherits its play's `become: true` and would run sudo there (retag, weights fetch,
+# render and its cleanup, archive IDs...). The keyword alone is not enough: an inventory's `ansible_become` in all's
+# vars reaches the implicit localhost too, and a variable beats the keyword; the task's own vars beat the inventory.
+CONTROLLER = {"localhost", "127.0.0.1", "::1"}
+TASK_LISTS = ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always")
+
+
+def task_entries(path: Path) -> Iterator[tuple[str, dict]]:
+    """Every task (blocks and plays walked into) of a role's task/handler file or a playbook, with its name."""
+    def walk(node: Any) -> Iterator[tuple[str, dict]]:
+        for entry in node or []:
+            if not isinstance(entry, dict):
+                continue
+            yield str(entry.get("name", "?")), entry
+            for key in TASK_LISTS:
+                yield from walk(entry.get(key))
+
+    yield from walk(yaml.safe_load(path.read_text()))
+
+
+def runs_on_the_controller(entry: dict) -> bool:
+    return (str(entry.get("delegate_to", "")).strip() in CONTROLLER or "local_action" in entry
+            or entry.get("connection") == "local" or str(entry.get("hosts", "")).strip() in CONTROLLER)
+
+
+def controller_entries() -> list[tuple[str, dict]]:
+    found = []
+    for top in ("roles", "playbooks"):
+        for path in sorted((ROOT / top).rglob("*.yml")):
+            if path.parent.name in ("tasks", "handlers") or top == "playbooks":
+                found += [(f"{path.relative_to(ROOT)}: {name}", entry) for name, entry in task_entries(path)
+                          if runs_on_the_controller(entry)]
+    return found
+
+
+def test_controller_tasks_never_become():
+    entries = controller_entries()
+    # the check sees the tasks it is about (a walk that found nothing would pass anything)
+    names = " | ".join(where for where, _ in entries)
+    for known in ("Retag | Fill the engine tag", "Weights | Fetch into the controller cache", "Render | Run vilms render",
+                  "Render | Remove the render's input", "Stack | Remove this run's render", "Images | Read each archive",
+                  "Rollout | Hand the policy", "Weights | Is rsync on the controller"):
+        assert known in names
+    offenders = [where for where, entry in entries
+                 if entry.get("become") is not False or (entry.get("vars") or {}).get("ansible_become") is not False]
+    assert offenders == [], "controller-side tasks need `become: false` and `vars: {ansible_become: false}`"
+
+
+@pytest.mark.parametrize("entry,flagged", [
+    ({"delegate_to": "localhost", "ansible.builtin.command": "true"}, True),
+    ({"delegate_to": "localhost", "become": False, "ansible.builtin.command": "true"}, True),  # the keyword alone
+    ({"delegate_to": "localhost", "become": False, "vars": {"ansible_become": False}}, False),
+    ({"local_action": {"module": "ansible.builtin.command", "cmd": "true"}}, True),
+    ({"delegate_to": "{{ item }}", "ansible.builtin.set_fact": {}}, False),  # the hosts themselves
+])
+def test_the_become_check_sees_what_it_should(entry, flagged):
+    offends = runs_on_the_controller(entry) and (
+        entry.get("become") is not False or (entry.get("vars") or {}).get("ansible_become") is not False)
+    assert offends == flagged
