@@ -172,7 +172,7 @@ def test_controller_tasks_never_become():
     names = " | ".join(where for where, _ in entries)
     for known in ("Retag | Fill the engine tag", "Weights | Fetch into the controller cache", "Render | Run vilms render",
                   "Render | Remove the render's input", "Stack | Remove this run's render", "Images | Read each archive",
-                  "Rollout | Hand the policy", "Weights | Is rsync on the controller"):
+                  "Rollout | Hand the policy", "Transport | Is rsync on the controller"):
         assert known in names
     offenders = [where for where, entry in entries
                  if entry.get("become") is not False or (entry.get("vars") or {}).get("ansible_become") is not False]
