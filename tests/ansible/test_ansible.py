@@ -90,36 +90,78 @@ def test_bad_inventory_fails_in_preflight_before_any_host_is_touched(tmp_path, c
     assert "PLAY [Runtime" not in out and "PLAY [Stack" not in out
 
 
-def _save_archive(path: Path, manifest: list[dict]) -> None:
-    """A `docker save`-shaped tar: only manifest.json matters to archive_ids.py."""
+def _save_archive(path: Path, manifest: list[dict], configs: dict[str, list[str]] | None = None,
+                  layers: dict[str, bytes] | None = None) -> None:
+    """A `docker save`-shaped tar: manifest.json, each image's config (its rootfs.diff_ids) and its layer tars."""
     import io
     import json
     import tarfile
 
-    data = json.dumps(manifest).encode()
+    files = {"manifest.json": json.dumps(manifest).encode()}
+    for name, diff_ids in (configs or {}).items():
+        files[name] = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    files.update(layers or {})
     with tarfile.open(path, "w") as tar:
-        info = tarfile.TarInfo("manifest.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
-def test_archive_ids_reads_each_tags_image_id_from_the_manifest(tmp_path):
-    """The role loads an archive when these IDs differ from the host's; both save layouts name the config blob."""
+def test_archive_ids_reads_each_tags_image_id_size_and_layers_from_the_archive(tmp_path):
+    """The role loads an archive when these IDs differ from the host's; both save layouts name the config blob. The
+    disk budget takes the archive's size and each layer's diff ID (as the host names layers) with its tar's size."""
     import json
 
     legacy, oci = tmp_path / "legacy.tar", tmp_path / "oci.tar"
-    _save_archive(legacy, [{"Config": "ab12.json", "RepoTags": ["vilms/gateway:1", "vilms/gateway:latest"], "Layers": []}])
-    _save_archive(oci, [{"Config": "blobs/sha256/cd34", "RepoTags": ["e:1"], "Layers": []},
-                        {"Config": "blobs/sha256/ef56", "RepoTags": ["e:2"], "Layers": []}])
+    _save_archive(legacy, [{"Config": "ab12.json", "RepoTags": ["vilms/gateway:1", "vilms/gateway:latest"],
+                            "Layers": ["l1/layer.tar", "l2/layer.tar"]}],
+                  {"ab12.json": ["sha256:d1", "sha256:d2"]}, {"l1/layer.tar": b"x" * 1024, "l2/layer.tar": b"y" * 512})
+    _save_archive(oci, [{"Config": "blobs/sha256/cd34", "RepoTags": ["e:1"], "Layers": ["blobs/sha256/d1"]},
+                        {"Config": "blobs/sha256/ef56", "RepoTags": ["e:2"], "Layers": ["blobs/sha256/d1", "blobs/sha256/d3"]}],
+                  {"blobs/sha256/cd34": ["sha256:d1"], "blobs/sha256/ef56": ["sha256:d1", "sha256:d3"]},
+                  {"blobs/sha256/d1": b"z" * 2048, "blobs/sha256/d3": b"w" * 100})
     script = ROOT / "roles" / "vilms_stack" / "files" / "archive_ids.py"
     result = subprocess.run([sys.executable, str(script), str(legacy), str(oci)], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == {
-        str(legacy): {"tags": ["vilms/gateway:1", "vilms/gateway:latest"], "ids": ["sha256:ab12", "sha256:ab12"]},
-        str(oci): {"tags": ["e:1", "e:2"], "ids": ["sha256:cd34", "sha256:ef56"]}}
+        str(legacy): {"tags": ["vilms/gateway:1", "vilms/gateway:latest"], "ids": ["sha256:ab12", "sha256:ab12"],
+                      "bytes": legacy.stat().st_size, "layers": [["sha256:d1", 1024], ["sha256:d2", 512]]},
+        str(oci): {"tags": ["e:1", "e:2"], "ids": ["sha256:cd34", "sha256:ef56"],
+                   "bytes": oci.stat().st_size, "layers": [["sha256:d1", 2048], ["sha256:d3", 100]]}}
     untagged = tmp_path / "untagged.tar"
-    _save_archive(untagged, [{"Config": "ab12.json", "RepoTags": None, "Layers": []}])
+    _save_archive(untagged, [{"Config": "ab12.json", "RepoTags": None, "Layers": []}], {"ab12.json": []})
     bad = subprocess.run([sys.executable, str(script), str(untagged)], capture_output=True, text=True)
     assert bad.returncode != 0 and "carry no tag" in bad.stderr
+
+
+def test_image_archive_budget_counts_each_archive_then_the_layers_the_host_lacks(tmp_path):
+    """The disk budget's arithmetic (library/vilms_images_probe.py): archives ship and are removed one at a time;
+    layers the host has (or an earlier archive of this run loaded) are not counted again; a partial archive left
+    by an interrupted rsync is resumed in place; an archive whose IDs the host already has is not shipped."""
+    import json
+
+    def plan(archives, present, same_fs):
+        # in a child: importing ansible.module_utils patches sys.intern for the whole pytest process
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import vilms_images_probe as p; "
+                "a = json.loads(sys.argv[2]); print(json.dumps(p.plan(a[0], a[1], a[2], a[3])))")
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "roles" / "vilms_stack" / "library"),
+                              json.dumps([archives, present, str(tmp_path), same_fs])],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    archives = [
+        {"image": "e:1", "src": "/c/engines.tar", "bytes": 1000, "ids": ["sha256:e"], "layers": [["b", 600], ["e", 390]]},
+        {"image": "g:1", "src": "/c/gateway.tar", "bytes": 800, "ids": ["sha256:g"], "layers": [["b", 600], ["g", 190]]},
+        {"image": "o:1", "src": "/c/old.tar", "bytes": 5000, "ids": ["sha256:o"], "layers": [["o", 4990]]},
+    ]
+    present = [[], [{"Id": "sha256:g0", "RootFS": {"Layers": ["g"]}}], [{"Id": "sha256:o", "RootFS": {"Layers": ["o"]}}]]
+    (tmp_path / "gateway.tar").write_bytes(b"p" * 300)  # an interrupted transfer left 300 bytes
+    todo, archive_dir, docker_root = plan(archives, present, same_fs=False)
+    assert [(a["image"], a["archive_bytes"], a["partial_bytes"], a["layer_bytes"]) for a in todo] == [
+        ("e:1", 1000, 0, 990), ("g:1", 800, 300, 0)]  # g's base layer came with e, its own layer is on the host
+    assert (archive_dir, docker_root) == (1000, 990)  # the largest archive; every new layer
+    todo, archive_dir, docker_root = plan(archives, present, same_fs=True)
+    assert (archive_dir, docker_root) == (max(1000 + 990, 990 + 500 + 0), 0)  # peak over the archives, in order
 
 
 def test_the_role_validates_only_through_vilms_render():

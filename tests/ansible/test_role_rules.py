@@ -88,14 +88,27 @@ def test_no_role_or_playbook_restates_a_schema_default():
     assert role_defaults == {}, "a role default restates the schema's"
 
 
+# Fleet-wide inventory variables that several roles read, each through its own prefixed default in
+# defaults/main.yml (`docker_engine_retries: "{{ vilms_retries | default(5) }}"`): allowed only there, and only
+# with one and the same default everywhere (checked below), so the roles cannot drift apart.
+SHARED = {"vilms_retries", "vilms_retry_delay"}
+
+
 def test_each_variable_is_defaulted_in_one_place():
     """`vilms_gpu | default(true)` stood in five places: one place gives an inventory variable its default."""
     places: dict[str, list[str]] = {}
+    shared: dict[str, set[str]] = {}
     for path in ansible_files():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             for m in BARE.finditer(line):
-                places.setdefault(m.group("name"), []).append(f"{path.relative_to(ROOT)}:{number}")
+                name = m.group("name")
+                if name in SHARED and path.match("roles/*/defaults/main.yml"):
+                    shared.setdefault(name, set()).add(line[m.end():].split(")", 1)[0].strip())
+                    continue
+                places.setdefault(name, []).append(f"{path.relative_to(ROOT)}:{number}")
     assert {n: p for n, p in places.items() if len(p) > 1} == {}
+    assert {n: d for n, d in shared.items() if len(d) > 1} == {}, "roles give a shared variable different defaults"
+    assert not SHARED & set(places), "a shared variable is defaulted outside the roles' defaults/main.yml"
 
 
 def expressions(text: str) -> str:
