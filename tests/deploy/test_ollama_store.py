@@ -191,3 +191,16 @@ def test_a_run_that_died_after_the_last_byte_completes_without_downloading(regis
     fetched = store.fetch_model("done:1", tmp_path / "c", store.RegistrySource(registry, retry=no_wait()))
     assert (tmp_path / "c" / blob.path).read_bytes() == layer and not partial.exists()
     assert fetched.downloaded == manifest["config"]["size"]  # only the config blob came over the wire
+
+
+def test_check_reads_the_manifest_only_and_writes_nothing(registry, tmp_path):
+    push_model(registry, "library/checked", "1", [os.urandom(30_000)])
+    run = subprocess.run([sys.executable, "-m", "vilms", "ollama", "fetch", "--model", "checked:1", "--check",
+                          "--cache", str(tmp_path / "cache"), "--registry", registry, "--retry-delay", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    model = json.loads(run.stdout)["models"][0]
+    assert model["bytes"] > 30_000 and json.loads(run.stdout)["downloaded"] == 0
+    assert [f["path"] for f in model["files"]][-1] == "manifests/registry.ollama.ai/library/checked/1"  # last
+    assert all(len(f["sha256"]) == 64 for f in model["files"])
+    assert not (tmp_path / "cache").exists()  # a --check run leaves no trace on the controller
