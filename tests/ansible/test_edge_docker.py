@@ -139,14 +139,12 @@ def proxied_box(rig):
         start_box(proxy)
         box_sh(proxy, """set -e
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null
-            sed -i -e 's/^Allow /#Allow /' -e 's/^LogLevel .*/LogLevel Connect/' -e 's/^Port .*/Port 8888/' \\
-                   -e 's#^LogFile .*#LogFile "/var/log/tinyproxy/tinyproxy.log"#' /etc/tinyproxy/tinyproxy.conf
+            sed -i -e 's/^Allow /#Allow /' -e 's/^LogLevel .*/LogLevel Connect/' /etc/tinyproxy/tinyproxy.conf
             mkdir -p /var/log/tinyproxy /run/tinyproxy && chown -R tinyproxy /var/log/tinyproxy /run/tinyproxy""",
                timeout=180)
         sh("docker", "network", "connect", net, proxy)
         sh("docker", "exec", "-d", proxy, "tinyproxy", "-d", "-c", "/etc/tinyproxy/tinyproxy.conf")
-        box_sh(proxy, "for i in $(seq 100); do grep -q 'listening on' /var/log/tinyproxy/tinyproxy.log 2>/dev/null"
-                      " && exit 0; sleep 0.1; done; exit 1")
+        box_sh(proxy, "for i in $(seq 100); do (: </dev/tcp/127.0.0.1/8888) 2>/dev/null && exit 0; sleep 0.1; done; exit 1")
         start_box(box, "--network", net)
         yield box, proxy
     finally:
