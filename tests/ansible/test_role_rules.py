@@ -89,9 +89,10 @@ def test_no_role_or_playbook_restates_a_schema_default():
 
 
 # Fleet-wide inventory variables that several roles read, each through its own prefixed default in
-# defaults/main.yml (`docker_engine_retries: "{{ vilms_retries | default(5) }}"`): allowed only there, and only
+# defaults/main.yml (`docker_engine_retries: "{{ vilms_retries | default(5) }}"`, `docker_engine_proxy:
+# "{{ vilms_proxy | default({}) }}"`): allowed only there, and only
 # with one and the same default everywhere (checked below), so the roles cannot drift apart.
-SHARED = {"vilms_retries", "vilms_retry_delay"}
+SHARED = {"vilms_retries", "vilms_retry_delay", "vilms_proxy"}
 
 
 def test_each_variable_is_defaulted_in_one_place():

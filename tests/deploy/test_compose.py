@@ -159,3 +159,15 @@ def test_engine_ports_published_beyond_loopback_warn():
     warnings = [i for i in semantic_issues(build_config({**BASE, "docker": docker})) if i.severity == "warning"]
     assert [i.pointer for i in warnings] == ["/docker/engine-bind"]
     assert not semantic_issues(build_config({**BASE, "docker": {**docker, "engine-bind": "127.0.0.1"}}))
+
+
+@pytest.mark.parametrize("gpu", [True, None])  # the role passes vilms_gpu (yes); left to detection, js means a GPU
+def test_jetson_engines_name_runtime_nvidia_themselves(gpu):
+    """jetson_runtime no longer makes nvidia the daemon's default runtime: every engine service must ask for it in
+    the compose file (the gateway, with no GPU model, stays on the daemon's default), whatever the chat engine."""
+    for engine in ("ollama", "vllm"):
+        data = {**BASE, "host": {"platform": "js"}, "serving": {**BASE["serving"], "engine": engine}}
+        services = render(data, gpu=gpu)["services"]
+        engines = {name: svc for name, svc in services.items() if name != "gateway"}
+        assert engines and all(svc.get("runtime") == "nvidia" and "deploy" not in svc for svc in engines.values())
+        assert "runtime" not in services["gateway"]
