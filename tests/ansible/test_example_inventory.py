@@ -9,7 +9,7 @@ sources the controller fetches models from: the example's own model ids are publ
 Hugging Face file API (tiny random weights for the vLLM model, MiniLM's files for the embedding model), fetched with
 the real huggingface_hub; the Jetson's Ollama model is pushed to a real registry (Debian's docker-registry) on the
 controller's loopback, as a site mirror of Ollama's registry would hold it. Both boxes start with Debian's Docker installed (as a
-flashed Jetson does) and sit on a Docker network with no route out (`--internal`): everything else they get comes
+flashed Jetson does; `docker_engine_source: auto` keeps it) and sit on a Docker network with no route out (`--internal`): everything else they get comes
 from the controller. Everything else — models, aliases,
 engines, SKU layers, gateway tag with the embeddings variant chosen automatically — is the example's.
 """
@@ -127,7 +127,6 @@ def copy_example(tmp: Path, hub_url: str, ollama_registry: str) -> Path:
             "tag": {"gateway": tag.removesuffix("-emb"), "vllm": "standin", "engine": "standin"}}}}))
     (site / "group_vars" / "all" / "rig.yml").write_text(yaml.safe_dump({
         "vilms_rig_minilm": minilm_path(),
-        "docker_engine_source": "distro",
         "docker_engine_compose_plugin_src": str(Path.home() / ".docker" / "cli-plugins" / "docker-compose"),
         "nvidia_container_toolkit_repo_enabled": False, "nvidia_container_toolkit_packages": [],
         "nvidia_container_toolkit_require_driver": True,
