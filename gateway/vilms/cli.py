@@ -300,8 +300,8 @@ def _ollama_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--model", action="append", help="a model name (repeatable)")
     f.add_argument("--cache", default=os.path.expanduser("~/.cache/vilms/ollama"))
     source = f.add_mutually_exclusive_group()
-    source.add_argument("--registry", default="https://registry.ollama.ai",
-                        help="a registry v2 URL: Ollama's, a mirror or a site registry (proxy: HTTPS_PROXY etc.)")
+    source.add_argument("--registry", help="a registry v2 URL for every model: a mirror or a site registry (default: each "
+                        "model's own, https://registry.ollama.ai for library models; proxy: HTTPS_PROXY etc.)")
     source.add_argument("--store", help="a local Ollama models directory to copy from instead")
     f.add_argument("--retries", type=int, default=5, help="attempts per transfer (resumed after a dropped link)")
     f.add_argument("--retry-delay", type=float, default=2.0, help="seconds before the second attempt (doubles)")

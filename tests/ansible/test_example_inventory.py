@@ -192,6 +192,11 @@ def test_example_inventory_deploys_as_written(host, tmp_path):
     assert subprocess.run(["docker", "exec", JETSON, "test", "-e", f"{store}/vilms-standin-models.json"]).returncode == 1
     assert not [line for line in text.splitlines() if "Pull Ollama models on the host" in line and "included" in line]
 
+    modes = subprocess.run(["docker", "exec", HOST, "stat", "-c", "%n %a %u:%g", "/opt/vilms/current/config.yaml",
+                            "/opt/vilms/current/docker-compose.yaml"], check=True, capture_output=True, text=True)
+    assert modes.stdout.split("\n")[:2] == ["/opt/vilms/current/config.yaml 640 0:10001",  # may hold a proxy's password
+                                             "/opt/vilms/current/docker-compose.yaml 600 0:0"]
+
     shipped = subprocess.run(["docker", "exec", HOST, "cat",
                               "/opt/vilms/models/qwen-qwen3-4b-instruct-2507/.vilms-weights.json"],
                              check=True, capture_output=True, text=True).stdout

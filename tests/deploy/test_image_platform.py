@@ -52,6 +52,26 @@ def oci_layout(tmp_path: Path, architecture: str) -> Path:
     return path
 
 
+def docker_save(tmp_path: Path, architectures: list[str]) -> Path:
+    """A `docker save` archive of several images (manifest.json lists each config), one per architecture."""
+    path = tmp_path / f"save-{'-'.join(architectures)}.tar"
+    configs = {f"{i:064x}.json": json.dumps({"architecture": a, "os": "linux"}).encode()
+               for i, a in enumerate(architectures, start=1)}
+    manifest = [{"Config": name, "RepoTags": [f"img{i}:x"], "Layers": []} for i, name in enumerate(configs)]
+    with tarfile.open(path, "w") as tar:
+        for name, raw in [("manifest.json", json.dumps(manifest).encode()), *configs.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+def test_every_image_of_an_archive_is_checked_not_only_the_first(tmp_path):
+    assert images.mismatch(docker_save(tmp_path, ["arm64", "arm64"]), "aarch64") is None
+    why = images.mismatch(docker_save(tmp_path, ["arm64", "amd64"]), "aarch64")
+    assert why is not None and "built for linux/amd64 but the host is aarch64" in why
+
+
 def test_oci_layouts_and_bad_archives(tmp_path):
     assert str(images.archive_platform(oci_layout(tmp_path, "arm64"))) == "linux/arm64"
     assert images.mismatch(oci_layout(tmp_path, "arm64"), "aarch64") is None

@@ -204,3 +204,30 @@ def test_check_reads_the_manifest_only_and_writes_nothing(registry, tmp_path):
     assert [f["path"] for f in model["files"]][-1] == "manifests/registry.ollama.ai/library/checked/1"  # last
     assert all(len(f["sha256"]) == 64 for f in model["files"])
     assert not (tmp_path / "cache").exists()  # a --check run leaves no trace on the controller
+
+
+def test_a_busy_registry_is_tried_again_and_each_model_goes_to_its_own_registry(registry, tmp_path):
+    """A registry (or its CDN) answering 503 or 429 is in a passing state: tried again like a dropped link.
+    A front answers each path once with 503 (then 429), then redirects to the real registry."""
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse, Response
+    from starlette.routing import Route
+
+    from tests.support import ThreadedServer
+
+    seen: dict[str, int] = {}
+
+    async def front(request):
+        path = request.url.path
+        seen[path] = seen.get(path, 0) + 1
+        if seen[path] <= 2:
+            return Response(status_code=503 if seen[path] == 1 else 429)
+        return RedirectResponse(f"{registry}{path}", status_code=307)
+
+    push_model(registry, "library/busy", "1", [os.urandom(20_000)])
+    with ThreadedServer(Starlette(routes=[Route("/{path:path}", front)])) as server:
+        fetched = store.fetch_model("busy:1", tmp_path / "c", store.RegistrySource(server.url, retry=no_wait()))
+    assert fetched.downloaded == fetched.total_bytes and all(n == 3 for n in seen.values()) and len(seen) == 3
+    default = store.RegistrySource()
+    assert default.base(store.ModelRef.parse("qwen2.5:3b")) == "https://registry.ollama.ai"
+    assert default.base(store.ModelRef.parse("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M")) == "https://hf.co"

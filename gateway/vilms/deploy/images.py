@@ -54,45 +54,58 @@ def _blob_name(digest: str) -> str:
     return f"blobs/{algo}/{hexdigest}"
 
 
-def _config(tar: tarfile.TarFile) -> dict[str, Any]:
+def _configs(tar: tarfile.TarFile) -> list[dict[str, Any]]:
+    """The config of every image in the archive (a `docker save` of several images lists each in manifest.json)."""
     names = set(tar.getnames())
     if "manifest.json" in names:  # docker save (also written by docker 25+ beside index.json)
         manifest = _json_member(tar, "manifest.json")
-        if not isinstance(manifest, list) or not manifest or "Config" not in manifest[0]:
+        if not isinstance(manifest, list) or not manifest or not all("Config" in m for m in manifest):
             raise ArchiveError("manifest.json names no image config")
-        return _json_member(tar, manifest[0]["Config"])
+        return [_json_member(tar, m["Config"]) for m in manifest]
     if "index.json" in names:  # OCI image layout
         index = _json_member(tar, "index.json")
-        descriptor = (index.get("manifests") or [None])[0]
-        if not descriptor:
+        descriptors = index.get("manifests") or []
+        if not descriptors:
             raise ArchiveError("index.json lists no manifest")
-        manifest = _json_member(tar, _blob_name(descriptor["digest"]))
-        if "config" not in manifest:  # an index of several platforms: not one image
-            raise ArchiveError("the archive holds an index of several platforms, not one image")
-        return _json_member(tar, _blob_name(manifest["config"]["digest"]))
+        configs = []
+        for descriptor in descriptors:
+            manifest = _json_member(tar, _blob_name(descriptor["digest"]))
+            if "config" not in manifest:  # an index of several platforms: not one image
+                raise ArchiveError("the archive holds an index of several platforms, not one image")
+            configs.append(_json_member(tar, _blob_name(manifest["config"]["digest"])))
+        return configs
     raise ArchiveError("neither a docker-save archive (manifest.json) nor an OCI layout (index.json)")
 
 
-def archive_platform(path: str | Path) -> Platform:
-    """The os/architecture/variant an image archive's config declares."""
+def archive_platforms(path: str | Path) -> list[Platform]:
+    """The os/architecture/variant each image in an archive declares, in archive order."""
     try:
         with tarfile.open(path) as tar:
-            config = _config(tar)
+            configs = _configs(tar)
     except (OSError, tarfile.TarError) as exc:
         raise ArchiveError(f"{path}: cannot read ({exc})") from None
     except ArchiveError as exc:
         raise ArchiveError(f"{path}: {exc}") from None
-    arch = config.get("architecture")
-    if not arch:
-        raise ArchiveError(f"{path}: the image config names no architecture")
-    return Platform(str(config.get("os") or "linux"), str(arch), str(config.get("variant") or ""))
+    platforms = []
+    for config in configs:
+        arch = config.get("architecture")
+        if not arch:
+            raise ArchiveError(f"{path}: an image config names no architecture")
+        platforms.append(Platform(str(config.get("os") or "linux"), str(arch), str(config.get("variant") or "")))
+    return platforms
+
+
+def archive_platform(path: str | Path) -> Platform:
+    """The platform of an archive's first image (what `vilms image platform` reports)."""
+    return archive_platforms(path)[0]
 
 
 def mismatch(path: str | Path, machine: str) -> str | None:
     """None when the archive runs on a host whose `uname -m` is `machine`, else why not (both named)."""
     want = MACHINE_TO_ARCH.get(machine, machine)
-    got = archive_platform(path)
-    if got.architecture == want:
+    wrong = [p for p in archive_platforms(path) if p.architecture != want]
+    if not wrong:
         return None
+    got = wrong[0]  # every image of the archive must run on the host, not only the first
     return (f"{Path(path).name} is built for {got} but the host is {machine} ({want}): it would fail with "
             f"'exec format error' after the switch; build it for linux/{want} (make image-arm64 for Jetsons)")

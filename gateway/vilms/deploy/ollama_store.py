@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable
 import httpx
 
 DEFAULT_REGISTRY = "registry.ollama.ai"
-DEFAULT_URL = "https://registry.ollama.ai"
 MANIFEST_TYPES = ", ".join(["application/vnd.docker.distribution.manifest.v2+json",
                             "application/vnd.oci.image.manifest.v1+json"])
 _CHUNK = 1 << 20
@@ -121,7 +120,7 @@ class Retry:
         for attempt in range(1, self.attempts + 1):
             try:
                 return action()
-            except (httpx.TransportError, _Incomplete) as exc:
+            except (httpx.TransportError, _Incomplete, _Busy) as exc:
                 if attempt == self.attempts:
                     raise StoreError(f"{what}: gave up after {attempt} attempts ({exc})") from None
                 self.sleep(self.delay * 2 ** (attempt - 1))
@@ -130,6 +129,15 @@ class Retry:
 
 class _Incomplete(Exception):
     """A blob download that ended before its size (the connection dropped): resumed on the next attempt."""
+
+
+class _Busy(Exception):
+    """The registry answered 429 or 5xx: a passing state, tried again like a dropped link."""
+
+
+def _check_busy(status: int, what: str) -> None:
+    if status == 429 or status >= 500:
+        raise _Busy(f"{what}: HTTP {status}")
 
 
 def blobs_of(manifest: dict[str, Any], name: str) -> list[Blob]:
@@ -166,20 +174,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class RegistrySource:
-    """Manifests and blobs from a registry's v2 API (`url`, e.g. https://registry.ollama.ai or http://host:5000)."""
+    """Manifests and blobs from a registry's v2 API: `url` (a mirror or a site registry, e.g. http://host:5000) for
+    every model, or, with no url, each model's own registry (https://registry.ollama.ai for `qwen2.5:3b`,
+    https://hf.co for `hf.co/user/repo:tag`), as `ollama pull` would reach it."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, retry: Retry | None = None, timeout: float = 60.0,
+    def __init__(self, url: str | None = None, *, retry: Retry | None = None, timeout: float = 60.0,
                  client: httpx.Client | None = None):
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/") if url else None
         self.retry = retry or Retry()
         self.client = client or httpx.Client(timeout=timeout, follow_redirects=True)  # proxy: *_PROXY variables
 
+    def base(self, ref: ModelRef) -> str:
+        return self.url or f"https://{ref.registry}"
+
     def manifest(self, ref: ModelRef, name: str) -> bytes:
         def get() -> bytes:
-            reply = self.client.get(f"{self.url}/v2/{ref.repository}/manifests/{ref.tag}",
+            reply = self.client.get(f"{self.base(ref)}/v2/{ref.repository}/manifests/{ref.tag}",
                                     headers={"Accept": MANIFEST_TYPES})
+            _check_busy(reply.status_code, "manifest")
             if reply.status_code == 404:
-                raise StoreError(f"{name}: not found at {self.url}")
+                raise StoreError(f"{name}: not found at {self.base(ref)}")
             if reply.status_code != 200:
                 raise StoreError(f"{name}: the registry answered HTTP {reply.status_code} for the manifest")
             return reply.content
@@ -200,8 +214,9 @@ class RegistrySource:
             if have == blob.size:  # a run that died between the last byte and the rename: verified by the caller
                 return
             headers = {"Range": f"bytes={have}-"} if have else {}
-            with self.client.stream("GET", f"{self.url}/v2/{ref.repository}/blobs/{blob.digest}",
+            with self.client.stream("GET", f"{self.base(ref)}/v2/{ref.repository}/blobs/{blob.digest}",
                                     headers=headers) as reply:
+                _check_busy(reply.status_code, f"blob {blob.digest}")
                 if reply.status_code == 200 and have:  # the server ignored Range: start over
                     partial.unlink()
                 elif reply.status_code not in (200, 206):
