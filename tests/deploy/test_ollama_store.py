@@ -231,3 +231,19 @@ def test_a_busy_registry_is_tried_again_and_each_model_goes_to_its_own_registry(
     default = store.RegistrySource()
     assert default.base(store.ModelRef.parse("qwen2.5:3b")) == "https://registry.ollama.ai"
     assert default.base(store.ModelRef.parse("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M")) == "https://hf.co"
+
+
+def test_a_blob_changed_in_the_cache_after_it_was_stamped_is_noticed_and_fetched_again(registry, tmp_path):
+    """Every host of a rollout runs the fetch against one cache, so a blob hashed once is trusted while its size and
+    mtime stay (`.vilms-verified.json`); one that changed since is hashed again, and a corrupted one fetched again."""
+    push_model(registry, "library/stamped", "1", [os.urandom(40_000)])
+    source = store.RegistrySource(registry, retry=no_wait())
+    first = store.fetch_models(["stamped:1"], tmp_path / "c", source)[0]
+    assert first.blobs[-1].digest in json.loads((tmp_path / "c" / ".vilms-verified.json").read_text())
+    assert store.fetch_models(["stamped:1"], tmp_path / "c", source)[0].downloaded == 0
+    layer = tmp_path / "c" / first.blobs[-1].path
+    data = layer.read_bytes()
+    layer.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # same size, new mtime, other bytes
+    again = store.fetch_models(["stamped:1"], tmp_path / "c", source)[0]
+    assert again.downloaded == first.blobs[-1].size  # noticed, fetched again
+    assert store.sha256_file(layer) == first.blobs[-1].digest

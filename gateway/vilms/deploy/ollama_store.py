@@ -162,8 +162,36 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _verified(path: Path, blob: Blob) -> bool:
-    return path.is_file() and path.stat().st_size == blob.size and sha256_file(path) == blob.digest
+class Stamps:
+    """Blobs of a cache already hashed, by digest, with the size and mtime they had then (`.vilms-verified.json`).
+
+    A rollout runs the fetch once per host against the same cache: without these, each run hashes every cached blob
+    again (seconds per GB, times the fleet). A blob whose size or mtime changed since is hashed again."""
+
+    def __init__(self, cache: Path):
+        self.path = cache / ".vilms-verified.json"
+        try:
+            self.seen: dict[str, list[int]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.seen = {}
+
+    def verified(self, path: Path, blob: Blob) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        if st.st_size != blob.size:
+            return False
+        if self.seen.get(blob.digest) == [st.st_size, st.st_mtime_ns]:
+            return True
+        if sha256_file(path) != blob.digest:
+            return False
+        self.seen[blob.digest] = [st.st_size, st.st_mtime_ns]
+        return True
+
+    def save(self) -> None:
+        if self.seen:
+            _write_atomic(self.path, json.dumps(self.seen).encode())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -258,12 +286,13 @@ class StoreSource:
 
 
 def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource | StoreSource,
-                check: bool = False) -> Fetched:
+                check: bool = False, stamps: Stamps | None = None) -> Fetched:
     """Bring one model into `cache` (a store layout) and verify every blob; a blob already there is not fetched.
 
     `check` (a rollout's --check): read the manifest only, so the sizes are known; no blob, nothing written."""
     ref = ModelRef.parse(name)
     root = Path(cache)
+    stamps = stamps if stamps is not None else Stamps(root)
     raw = source.manifest(ref, name)
     try:
         manifest = json.loads(raw)
@@ -275,10 +304,10 @@ def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource
         return fetched
     for blob in blobs:
         target = root / blob.path
-        if _verified(target, blob):
+        if stamps.verified(target, blob):
             continue
         fetched.downloaded += source.blob(ref, blob, target)
-        if not _verified(target, blob):
+        if not stamps.verified(target, blob):
             target.unlink(missing_ok=True)  # never leave a wrong file under a digest's name
             raise StoreError(f"{name}: blob {blob.digest} does not match its digest or size ({blob.size} bytes)")
     _write_atomic(root / ref.manifest_path, raw)  # last: a manifest in the cache means every blob is there
@@ -287,7 +316,12 @@ def fetch_model(name: str, cache: str | os.PathLike[str], source: RegistrySource
 
 def fetch_models(names: Iterable[str], cache: str | os.PathLike[str],
                  source: RegistrySource | StoreSource, check: bool = False) -> list[Fetched]:
-    return [fetch_model(name, cache, source, check) for name in dict.fromkeys(names)]
+    stamps = Stamps(Path(cache))
+    try:
+        return [fetch_model(name, cache, source, check, stamps) for name in dict.fromkeys(names)]
+    finally:
+        if not check:
+            stamps.save()
 
 
 def plan_models(plan: dict[str, Any]) -> list[str]:
