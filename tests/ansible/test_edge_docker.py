@@ -1,19 +1,23 @@
 """The host's Docker on an edge box, with real rig boxes and a real proxy (issue 20, items 2 and 5).
 
-- A Jetson-like box arrives with Debian's docker.io running, JetPack's daemon.json (the nvidia runtime, 4-space
-  layout) and a foreign container (`--restart=always`). docker_engine (default source auto) and jetson_runtime
-  keep the engine (no docker-ce), keep dockerd running (same pid: not restarted), keep the foreign container (same
-  id, same start time, same runtime) and the daemon's default runtime; a rerun changes nothing. Forcing
+- A Jetson-like box arrives with Debian's docker.io running, the daemon.json `nvidia-ctk runtime configure` writes
+  (the nvidia runtime with `args`, not the `runtimeArgs` the role would write; 4-space layout) and a foreign
+  container (`--restart=always`). docker_engine (default source auto) and jetson_runtime keep the engine (no
+  docker-ce), keep daemon.json byte for byte and dockerd running (same pid: not restarted), keep the foreign
+  container (same id, same start time, same runtime) and the daemon's default runtime; a rerun changes nothing. Forcing
   `docker_engine_source: docker` on it is refused before anything changes.
 - A bare box whose only route out is a real proxy (tinyproxy in a second rig container, the box on an `--internal`
   network) cannot reach Debian's archive directly, and docker_engine installs Docker through `vilms_proxy`: the
-  proxy's log shows apt's requests, and dockerd runs with the proxy (`docker info`).
+  proxy's log shows apt's requests, and dockerd runs with the proxy (`docker info`, its environment), credentials
+  with `%` and `$` intact through the shell-quoted, root-only /etc/default/docker; the systemd drop-in is rendered
+  too (escaped `%`, 0600).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -31,8 +35,9 @@ COMPOSE_PLUGIN = Path.home() / ".docker" / "cli-plugins" / "docker-compose"
 PID1 = 'trap "exit 0" TERM; sleep infinity & wait'
 # The rig's SysV init workaround (ENVIRONMENT.md): Debian's init script raises ulimit beyond the container's limit.
 ULIMIT = 'ulimit() { builtin ulimit "$@" 2>/dev/null || true; }'
-JETPACK_DAEMON_JSON = '{\n    "runtimes": {\n        "nvidia": {\n            "path": "nvidia-container-runtime",\n' \
-                      '            "runtimeArgs": []\n        }\n    }\n}\n'
+# What `nvidia-ctk runtime configure --runtime=docker` writes (JetPack 6).
+JETPACK_DAEMON_JSON = '{\n    "runtimes": {\n        "nvidia": {\n            "args": [],\n' \
+                      '            "path": "nvidia-container-runtime"\n        }\n    }\n}\n'
 WAIT_DOCKERD = "for i in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.1; done; docker info >/dev/null"
 
 
@@ -70,10 +75,12 @@ def playbook(tmp: Path, box: str, roles: list[str], extra: dict, log: str) -> tu
 
 
 def state(box: str) -> dict:
-    """What must not move: dockerd's pid, the foreign container, the default runtime, the engine packages."""
+    """What must not move: dockerd's pid, daemon.json's bytes, the foreign container, the default runtime, the engine
+    packages."""
     info = json.loads(sh("docker", "exec", box, "docker", "inspect", "foreign").stdout)[0]
     return {
         "dockerd_pid": box_sh(box, "cat /var/run/docker.pid"),
+        "daemon_json": box_sh(box, "sha256sum /etc/docker/daemon.json"),
         "foreign": (info["Id"], info["State"]["Running"], info["State"]["StartedAt"], info["HostConfig"]["Runtime"]),
         "default_runtime": box_sh(box, "docker info --format '{{.DefaultRuntime}}'"),
         "packages": box_sh(box, "dpkg-query -W -f='${db:Status-Abbrev}${Package}\\n' docker.io docker-ce"
@@ -121,7 +128,7 @@ def test_existing_docker_io_and_a_foreign_container_are_kept(jetson_box, tmp_pat
     rc, out = playbook(tmp_path, box, ["docker_engine", "jetson_runtime"], jetson, "converge")
     assert rc == 0, out[-6000:]
     assert state(box) == before, (state(box), before, out[-4000:])
-    assert json.loads(box_sh(box, "cat /etc/docker/daemon.json")) == json.loads(JETPACK_DAEMON_JSON)
+    assert box_sh(box, "cat /etc/docker/daemon.json") + "\n" == JETPACK_DAEMON_JSON  # not rewritten (bytes: state())
     assert box_sh(box, "docker compose version --short")  # the one missing piece was added
     assert box_sh(box, "test -e /etc/systemd/system/docker.service.d/vilms-proxy.conf || echo none") == "none"
 
@@ -156,7 +163,8 @@ def proxied_box(rig):
 @pytest.mark.molecule
 def test_a_box_behind_a_proxy_installs_docker_through_it(proxied_box, tmp_path):
     box, proxy = proxied_box
-    url = f"http://{proxy}:8888"
+    # Credentials with `%` (a systemd specifier) and `$` (a shell expansion); tinyproxy without BasicAuth takes any.
+    url = f"http://vilms:s3cr%40t$x@{proxy}:8888"
     # No route out but the proxy (apt directly, not the role: the apt module's retries would cost half a minute).
     direct = sh("docker", "exec", box, "apt-get", "update", "-o", "Acquire::Retries=0", check=False, timeout=60)
     said = direct.stdout + direct.stderr
@@ -166,8 +174,29 @@ def test_a_box_behind_a_proxy_installs_docker_through_it(proxied_box, tmp_path):
                "vilms_proxy": {"http": url, "https": url, "no_proxy": ["localhost", "127.0.0.1"]}}
     rc, out = playbook(tmp_path, box, ["docker_engine"], proxied, "proxy")
     assert rc == 0, out[-6000:]
+    assert "s3cr" not in out, out[-3000:]  # no_log / diff: false on what holds the proxy
     log = box_sh(proxy, "cat /var/log/tinyproxy/tinyproxy.log")
     assert "deb.debian.org" in log and "docker.io" in log, log[-3000:]
-    assert f'export HTTPS_PROXY="{url}"' in box_sh(box, "cat /etc/default/docker")
-    assert box_sh(box, f"{WAIT_DOCKERD}; docker info --format '{{{{.HTTPProxy}}}} {{{{.NoProxy}}}}'") == \
-        f"{url} localhost,127.0.0.1"
+    assert f"export HTTPS_PROXY={shlex.quote(url)}" in box_sh(box, "cat /etc/default/docker")
+    assert box_sh(box, "stat -c %a /etc/default/docker") == "600"
+    # dockerd got the URL intact through the init script's shell (docker info masks the credentials).
+    assert box_sh(box, f"{WAIT_DOCKERD}; tr '\\0' '\\n' </proc/$(cat /var/run/docker.pid)/environ"
+                       " | grep '^HTTPS_PROXY='") == f"HTTPS_PROXY={url}"
+    shown = box_sh(box, "docker info --format '{{.HTTPProxy}} {{.NoProxy}}'")
+    assert shown.endswith(f"@{proxy}:8888 localhost,127.0.0.1") and "s3cr" not in shown, shown
+
+    # The systemd drop-in (the rig's boxes have no systemd: rendered only, end_play before the restart handlers).
+    play = tmp_path / "dropin.play.yml"
+    play.write_text(yaml.safe_dump([{"name": "Drop-in", "hosts": "all", "gather_facts": False, "tasks": [
+        {"name": "Render", "ansible.builtin.include_role": {"name": "docker_engine", "tasks_from": "proxy"},
+         "vars": {"docker_engine_init": "systemd", "docker_engine_proxy_dropin": "/tmp/dropin/vilms-proxy.conf"}},
+        {"name": "Stop before the handlers", "ansible.builtin.meta": "end_play"}]}]))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ANSIBLE_ROLES_PATH": str(ROOT / "roles")}
+    run = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(tmp_path / "proxy.inventory.yml"), str(play)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "s3cr" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    escaped = url.replace("%", "%%")
+    assert box_sh(box, "cat /tmp/dropin/vilms-proxy.conf").splitlines()[2:] == [
+        f'Environment="HTTP_PROXY={escaped}"', f'Environment="HTTPS_PROXY={escaped}"',
+        'Environment="NO_PROXY=localhost,127.0.0.1"']
+    assert box_sh(box, "stat -c %a /tmp/dropin/vilms-proxy.conf") == "600"
