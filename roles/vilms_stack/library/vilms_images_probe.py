@@ -43,15 +43,8 @@ import os
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.vilms_disk import existing_parent
 
-
-def _existing_parent(path):
-    while not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
 
 
 def _partial_bytes(path):
@@ -99,8 +92,8 @@ def main():
     p = module.params
     if len(p["archives"]) != len(p["present"]):
         module.fail_json(msg="archives and present differ in length")
-    archive_free = _existing_parent(p["archive_dir"])
-    docker_free = _existing_parent(p["docker_root"])
+    archive_free = existing_parent(p["archive_dir"])
+    docker_free = existing_parent(p["docker_root"])
     same_fs = os.stat(archive_free).st_dev == os.stat(docker_free).st_dev
     todo, archive_needed, docker_needed = plan(p["archives"], p["present"], p["archive_dir"], same_fs)
     checks = [{"what": "archives and the layers they load" if same_fs else "archives (one at a time)",

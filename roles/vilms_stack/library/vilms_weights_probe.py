@@ -43,6 +43,7 @@ import os
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.vilms_disk import existing_parent
 
 
 def _sha256(path):
@@ -52,14 +53,6 @@ def _sha256(path):
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _existing_parent(path):
-    while not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
 
 
 def _model_state(root, files, checksum, marker):
@@ -107,7 +100,7 @@ def main():
             module.fail_json(msg="invalid weights slug %r" % slug)
         models[slug] = _model_state(os.path.join(models_dir, slug), item["files"], params["checksum"],
                                     params["marker"])
-    free_path = _existing_parent(models_dir)
+    free_path = existing_parent(models_dir)
     referenced = set(models) | set(params["keep"])
     unreferenced = []
     if os.path.isdir(models_dir):
