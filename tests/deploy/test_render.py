@@ -134,7 +134,7 @@ def test_plan_json_shape(tmp_path):
         "ollama_adapters": [],
         "gate": {"chat": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b"], "embedding": ["all-MiniLM-L6-v2"],
                  "models": ["Qwen/Qwen3-4B-Instruct", "qwen2.5vl:3b", "all-MiniLM-L6-v2", "LLM", "VLM"], "key": None},
-        "models_dir": "./models",
+        "models_dir": "./models", "ollama_dir": "./ollama",
         "weights": plan["weights"],
         "files": ["config.yaml", "docker-compose.yaml"],
     }
