@@ -142,9 +142,11 @@ def test_image_archive_budget_counts_each_archive_then_the_layers_the_host_lacks
 
     def plan(archives, present, same_fs):
         # in a child: importing ansible.module_utils patches sys.intern for the whole pytest process
-        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import vilms_images_probe as p; "
+        # (the role's module_utils/ joins ansible.module_utils, as Ansible does when it ships the module)
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1] + '/library'); import ansible.module_utils as mu; "
+                "mu.__path__.append(sys.argv[1] + '/module_utils'); import vilms_images_probe as p; "
                 "a = json.loads(sys.argv[2]); print(json.dumps(p.plan(a[0], a[1], a[2], a[3])))")
-        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "roles" / "vilms_stack" / "library"),
+        out = subprocess.run([sys.executable, "-c", code, str(ROOT / "roles" / "vilms_stack"),
                               json.dumps([archives, present, str(tmp_path), same_fs])],
                              capture_output=True, text=True, check=True).stdout
         return json.loads(out)
