@@ -54,15 +54,19 @@ def write_store(root: Path, names: list[str], model: bytes) -> None:
 def push(url: str, name: str, model: bytes) -> dict:
     """Push a model to a registry's v2 API the way `ollama push` does (blobs, then the manifest); returns it."""
     ref = ModelRef.parse(name)
-    parts = parts_of(name, model)
+    return push_parts(url, ref.repository, ref.tag, parts_of(name, model))
+
+
+def push_parts(url: str, repository: str, tag: str, parts: list[tuple[bytes, str]]) -> dict:
+    """Push (data, mediaType) parts, the first being the config, then their manifest; returns the manifest."""
     manifest = _manifest(parts)
     for (data, _), entry in zip(parts, [manifest["config"], *manifest["layers"]]):
-        start = httpx.post(f"{url}/v2/{ref.repository}/blobs/uploads/")
+        start = httpx.post(f"{url}/v2/{repository}/blobs/uploads/")
         start.raise_for_status()
         location = httpx.URL(url).join(start.headers["Location"])
         httpx.put(location.copy_merge_params({"digest": entry["digest"]}), content=data,
                   headers={"Content-Type": "application/octet-stream"}).raise_for_status()
-    httpx.put(f"{url}/v2/{ref.repository}/manifests/{ref.tag}", content=json.dumps(manifest),
+    httpx.put(f"{url}/v2/{repository}/manifests/{tag}", content=json.dumps(manifest),
               headers={"Content-Type": MANIFEST_TYPE}).raise_for_status()
     return manifest
 

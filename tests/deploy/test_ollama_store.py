@@ -6,7 +6,6 @@ mid-blob to prove the download resumes instead of starting over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from devkit import ollama_models
 from tests.deploy.test_render import SEED, render_dir
 from tests.support import docker_registry
 from vilms.deploy import ollama_store as store
@@ -42,23 +42,8 @@ def registry(tmp_path_factory) -> Iterator[str]:
 def push_model(url: str, repository: str, tag: str, layers: list[bytes]) -> dict:
     """Push blobs and a manifest the way `ollama push` does (config + model layers); returns the manifest."""
     config = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
-    parts = []
-    for data, media in [(config, "application/vnd.docker.container.image.v1+json")] + \
-                       [(layer, "application/vnd.ollama.image.model") for layer in layers]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        start = httpx.post(f"{url}/v2/{repository}/blobs/uploads/")
-        assert start.status_code == 202, start.text
-        location = httpx.URL(url).join(start.headers["Location"])
-        done = httpx.put(location.copy_merge_params({"digest": digest}), content=data,
-                         headers={"Content-Type": "application/octet-stream"})
-        assert done.status_code == 201, done.text
-        parts.append({"mediaType": media, "digest": digest, "size": len(data)})
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": parts[0], "layers": parts[1:]}
-    put = httpx.put(f"{url}/v2/{repository}/manifests/{tag}", content=json.dumps(manifest),
-                    headers={"Content-Type": manifest["mediaType"]})
-    assert put.status_code == 201, put.text
-    return manifest
+    return ollama_models.push_parts(url, repository, tag, [(config, "application/vnd.docker.container.image.v1+json")]
+                                    + [(layer, "application/vnd.ollama.image.model") for layer in layers])
 
 
 class DroppingRelay:
