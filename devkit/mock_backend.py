@@ -59,12 +59,13 @@ class MockBackend:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         path = scope["path"]
-        body = b""
+        chunks = []  # joined once: `body +=` copied a 64 MiB upload ~1000 times
         while True:
             message = await receive()
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
+        body = b"".join(chunks)
         if path == "/_stats":
             return await self._send(send, 200, JSON, orjson.dumps(self.stats))
         if path in ("/v1/models", "/api/version", "/api/tags"):
