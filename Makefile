@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system test test-fast lint demo demo-down demo-local bench bench-cost bench-preflight bench-ollama-ship image-arm64 clean fleet-up fleet-rollout fleet-down fleet-bench
+.PHONY: help install system test test-fast lint demo demo-down demo-local bench bench-cost bench-bigbodies bench-preflight bench-ollama-ship image-arm64 clean fleet-up fleet-rollout fleet-down fleet-bench
 
 help:
 	@echo "make demo | demo-down | demo-local | test | test-fast | lint | bench | clean"
@@ -72,6 +72,11 @@ bench: install system
 COST_ARGS ?= --rounds 3 --duration 5 --workers 2,4
 bench-cost: install system
 	$(PY) -m bench.cost $(COST_ARGS)
+
+# /health_check while 8 maximum-size bodies (images, huge text, many values) are processed (bench/bigbodies.py).
+BIGBODIES_ARGS ?= --rounds 2
+bench-bigbodies: install system
+	$(PY) -m bench.bigbodies $(BIGBODIES_ARGS)
 
 # A simulated fleet of N edge boxes (half dgpu, half Jetson) on the rig's Docker-in-Docker hosts (README, "Fleet").
 N ?= 20
