@@ -8,13 +8,13 @@ from starlette.responses import Response
 
 from vilms.config.params import enforce_policy
 from vilms.serve.api.pipeline import Admitted
-from vilms.serve.api.requests import ChatRequest, validated
+from vilms.serve.api.requests import ChatRequest, checked
 
 PATH = "/v1/chat/completions"
 
 
 async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
-    parsed = validated(ChatRequest, body, admitted.guard.context)
+    parsed = await checked(ChatRequest, body, admitted.guard.context)
     route = admitted.resolve(parsed.model, "chat", PATH)
     enforce_policy(parsed.model_extra, parsed.n, admitted.policy(route))
     admitted.fill(route, body)

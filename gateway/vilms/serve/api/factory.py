@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-
+import sys
 from typing import Any
 
 from vilms.config.load import load_config
 from vilms.serve.observe import setup_logging
 from vilms.serve.api.app import create_app
+from vilms.serve.api.bodies import SWITCH_INTERVAL
 
 
 def app() -> Any:
     config = load_config()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     setup_logging(os.environ.get("VILMS_LOG_FORMAT") or config.gateway["log-format"], config.gateway["log-level"])
     return create_app(config)

@@ -26,7 +26,7 @@ from vilms.serve.engines import ChatCall, Engine
 from vilms.serve.media import inspect_content, prepare_images
 from vilms.serve.observe import Observation
 from vilms.serve.api.guard import Guard, caller_request_id
-from vilms.serve.api.requests import parse_json, read_body
+from vilms.serve.api.requests import parse_body, read_body
 from vilms.serve.api.state import GatewayState
 
 JSON = "application/json"
@@ -128,8 +128,8 @@ class Pipeline:
             try:
                 key = guard.admit(request, obs)
                 hold = guard.hold(key)
-                body = parse_json(await read_body(request, guard.body_limit, hold, guard.body_timeout),
-                                  guard.max_nodes)
+                body = await parse_body(await read_body(request, guard.body_limit, hold, guard.body_timeout),
+                                        guard.max_nodes)
                 response = await until_disconnect(request, handler(body, Admitted(guard, state, key, obs)))
             except GatewayError as exc:
                 obs.finish(exc.status, exc.code or "")

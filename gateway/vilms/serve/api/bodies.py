@@ -1,0 +1,207 @@
+"""The large-body road: a body of a mebibyte or more (or of many JSON values) is parsed off the event loop, in calls
+short enough that the loop never waits long for the GIL.
+
+Why in pieces and not just in a thread: orjson, pydantic-core and binascii hold the GIL for a whole call, so one
+orjson.loads of a 64 MiB body (90-330 ms on the 2-core VM) stalls the loop as long from a worker thread as on the
+loop itself. So the parser first lifts every long string literal (image data URLs, huge texts) out of the body,
+parses the small skeleton left, and turns each long string into its value in windows of WINDOW bytes, one short
+orjson call each. One thread does this for every large body (`Bodies`): one more GIL holder, never one per request.
+
+Finding the long strings without tokenising the whole body: it is cut into stretches of LONG // 2 bytes; a stretch
+whose every `"` is escaped (as many `"` as `\\"`) and that holds a byte JSON allows only inside strings (a letter
+other than those of true, false, null, e/E) lies inside a string when the body is valid JSON: outside strings
+there are no backslashes, so the `"` opening that string would be unescaped. From such a stretch the string's own
+quotes are found by local backslash counting; strings are never nested, so each byte is looked at a bounded number
+of times, at memchr or sre speed. An invalid body may be lifted wrongly; then the skeleton is invalid too (every
+placeholder starts with a backslash, which is invalid outside a string) and the answer is the same 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import orjson
+
+from vilms.errors import BadRequest
+
+LARGE = 1 << 20  # bodies from this size on take this road (below it: the loop, as before; ~200 B chats pay nothing)
+MANY = 10_000  # ... and bodies holding more JSON values than this, whatever their size (validation is per value)
+LONG = 1 << 18  # strings of at least this many bytes are lifted out of the skeleton (shorter ones may be too)
+WINDOW = 1 << 19  # bytes of a long string turned into text per orjson call (~1-3 ms)
+STEP = 1 << 18  # bytes a string's end is looked for per call (sre steps over escapes at ~50 MB/s: ~5 ms)
+SWITCH_INTERVAL = 0.001  # s: a worker running Python hands the GIL to a waiting loop within this (CPython: 0.005)
+COUNTED = 1 << 22  # bytes per count() call of the pre-parse value count
+_INSIDE_ONLY = re.compile(rb"[^\t\n\r 0-9+\-.eEtrufalsn\[\]{},:]")  # a byte valid JSON has only inside strings
+_CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)  # string content: plain bytes and escapes
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+T = TypeVar("T")
+
+
+class ManyValues(dict):
+    """A body holding more than MANY JSON values: its request model is validated off the loop too (`Bodies.run`)."""
+
+
+class Bodies:
+    """The one thread that parses and validates large bodies (module-wide: every app in a process shares it)."""
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vilms-body")
+
+    @classmethod
+    async def run(cls, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(cls.executor, fn, *args)
+
+
+def large(raw: bytes) -> bool:
+    """Whether a body takes this road: by size, or (cheaply counted, for bodies over MANY bytes only) by values."""
+    return len(raw) >= LARGE or (len(raw) > MANY and json_nodes(raw, 0, len(raw)) > MANY)
+
+
+def json_nodes(raw: bytes, start: int, end: int) -> int:
+    """An upper bound on the values raw[start:end] holds (every value after an array's or object's first is
+    preceded by a comma), counted at memchr speed. Base64 image data holds none of these bytes."""
+    return raw.count(b",", start, end) + raw.count(b"{", start, end) + raw.count(b"[", start, end)
+
+
+def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[[bytes], dict[str, Any]]) -> dict[str, Any]:
+    """The body as `loads` (the small-body parser, with its checks) would return it, parsed in short calls: long
+    strings lifted out first, the value count taken on what is left, then the skeleton parsed and the strings put
+    back. Runs in the body thread."""
+    spans = long_strings(raw)
+    nonce = secrets.token_hex(8)
+    skeleton = lifted(raw, spans, nonce)
+    nodes = sum(json_nodes(skeleton, i, i + COUNTED) for i in range(0, len(skeleton), COUNTED))
+    if max_nodes is not None and nodes > max_nodes:
+        raise BadRequest(f"request body holds more than {max_nodes} JSON values (gateway.max-json-nodes)",
+                         code="too_many_json_values")
+    data = loads(skeleton)
+    if spans:
+        values = {f"\x1fvilms:{i}:{nonce}": string_value(raw, o + 1, c) for i, (o, c) in enumerate(spans)}
+        put_back(data, values)
+    return ManyValues(data) if nodes > MANY else data
+
+
+def lifted(raw: bytes, spans: list[tuple[int, int]], nonce: str) -> bytes:
+    """`raw` with each span (a string literal, quotes included) replaced by a short placeholder literal."""
+    if not spans:
+        return raw
+    pieces, last = [], 0
+    for i, (opening, closing) in enumerate(spans):
+        pieces += [raw[last:opening], b'"\\u001fvilms:%d:%s"' % (i, nonce.encode())]
+        last = closing + 1
+    pieces.append(raw[last:])
+    return b"".join(pieces)
+
+
+def long_strings(raw: bytes) -> list[tuple[int, int]]:
+    """(opening, closing) quote positions of string literals found by the stretch test in the module docstring: every
+    string of at least LONG bytes, in order, never overlapping."""
+    spans: list[tuple[int, int]] = []
+    half, k, n = LONG // 2, 0, len(raw)
+    while k + half <= n:
+        end = k + half
+        if raw.count(b'"', k, end) != raw.count(b'\\"', k, end) or not _INSIDE_ONLY.search(raw, k, end):
+            k = end
+            continue
+        opening = _opening_quote(raw, k)
+        closing = _closing_quote(raw, opening + 1) if opening >= 0 else -1
+        if closing < k or (spans and opening <= spans[-1][1]):
+            raise BadRequest("request body is not valid JSON: a string is not terminated", code="invalid_json")
+        spans.append((opening, closing))
+        k = closing + 1
+    return spans
+
+
+def _escaped(raw: bytes, at: int) -> bool:
+    """Whether the byte at `at` follows an odd run of backslashes (inside a string: it is escaped)."""
+    run, end = 0, at
+    while end > 0:
+        chunk = raw[max(0, end - 256):end]
+        stripped = chunk.rstrip(b"\\")
+        run += len(chunk) - len(stripped)
+        if stripped:
+            break
+        end -= len(chunk)
+    return run % 2 == 1
+
+
+def _opening_quote(raw: bytes, inside: int) -> int:
+    """The last unescaped `"` before `inside` (a position known to lie in a string): that string's opening quote."""
+    at = inside
+    while (at := raw.rfind(b'"', 0, at)) >= 0 and _escaped(raw, at):
+        pass
+    return at
+
+
+def _closing_quote(raw: bytes, at: int) -> int:
+    """The first unescaped `"` from `at` (where a string's content or one of its escapes begins), -1 if none.
+    Stretches without backslashes are skipped at memchr speed, escapes stepped over by sre, a window at a time."""
+    n = len(raw)
+    while at < n:
+        end = min(at + STEP, n)
+        quote = raw.find(b'"', at, end)
+        if raw.find(b"\\", at, end if quote < 0 else quote) < 0:
+            if quote >= 0:
+                return quote
+            at = end
+            continue
+        stop = _CONTENT.match(raw, at, end).end()  # up to an unescaped quote, or an escape cut by the window
+        if stop < end and raw[stop] == 0x22:
+            return stop
+        if stop == at and end == n:
+            return -1  # a backslash ends the body
+        at = stop
+    return -1
+
+
+def string_value(raw: bytes, start: int, end: int) -> str:
+    """The text of the string literal whose content is raw[start:end], checked and unescaped as orjson does, in
+    windows of WINDOW bytes cut where no escape, surrogate pair or UTF-8 sequence is split."""
+    pieces = []
+    while start < end:
+        cut = end if end - start <= WINDOW else _boundary(raw, start, start + WINDOW)
+        try:
+            pieces.append(orjson.loads(b'"%b"' % raw[start:cut]))
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {start + exc.pos - 1}",
+                             code="invalid_json") from None
+        start = cut
+    return "".join(pieces)
+
+
+def _boundary(raw: bytes, start: int, at: int) -> int:
+    """A position at or before `at` (and after `start`) where a window of string content may end."""
+    backslash = raw.rfind(b"\\", max(start, at - 12), at)
+    if backslash >= 0 and _escaped(raw, backslash + 1):  # it begins an escape: end the window before it
+        at = backslash
+        if _HIGH_SURROGATE.fullmatch(raw, at - 6, at) and _escaped(raw, at - 5):
+            at -= 6  # ... and before the high half of its surrogate pair
+    while at > start + 1 and 0x80 <= raw[at] < 0xC0:  # never inside a UTF-8 sequence
+        at -= 1
+    return at
+
+
+def put_back(data: Any, values: dict[str, str]) -> None:
+    """Replace every placeholder (as a value or a key) by its string, in place; visits containers only."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str):
+                    if value in values:
+                        node[key] = values[value]
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+            for key in [key for key in node if key in values]:
+                node[values[key]] = node.pop(key)
+        else:
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    if value in values:
+                        node[i] = values[value]
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)

@@ -1,0 +1,123 @@
+"""Issue #21, item 3: large bodies must not stall the event loop. Concurrent image-carrying bodies of tens of MiB
+against `vilms serve` (its own process, uvloop + httptools as deployed) while /health_check is polled.
+
+The old gateway joined, parsed (orjson) and base64-decoded every body on the event loop: six 36 MiB bodies sent at
+once held /health_check for 0.6-0.85 s on the 2-core VM (eight 64 MiB ones: 1.8-6.3 s, bench/results/bigbodies.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import yaml
+from PIL import Image
+
+from tests.serve.test_hardening import openai_config
+from tests.support import ROOT, free_port, mock_backend, subprocess_server
+
+CHAT = "/v1/chat/completions"
+BOUND = 0.2  # s added to the worst /health_check: the old code added 0.6-0.85 s here, this one 0.05-0.11 s (load 4-6)
+
+
+def noise_png(side: int, seed: int) -> bytes:
+    """Random pixels: incompressible, so a few MiB of PNG, and over 1024 px (the gateway must resize it)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def image_body(images: list[bytes]) -> bytes:
+    parts = [{"type": "text", "text": "compare"}]
+    parts += [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(raw).decode()}}
+              for raw in images]
+    return orjson.dumps({"model": "LLM", "max_tokens": 4, "messages": [{"role": "user", "content": parts}]})
+
+
+def post(port: int, body: bytes) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                     b"content-length: %d\r\n\r\n" % (CHAT.encode(), len(body)))
+        sock.sendall(body)  # not concatenated: a copy of each body here would hold this process's GIL (the prober's)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply.partition(b"\r\n\r\n")[2]
+
+
+def while_probing(url: str, port: int, bodies: list[bytes]) -> tuple[list[tuple[int, bytes]], float]:
+    """Send `bodies` at once while a thread polls /health_check on its own connection: (answers, worst lag)."""
+    lags: list[float] = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            client.get("/health_check")
+            ready.set()
+            while True:
+                started = time.perf_counter()
+                assert client.get("/health_check").status_code == 200
+                lags.append(time.perf_counter() - started)
+                if stop.is_set():
+                    return
+                time.sleep(0.005)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    assert ready.wait(30)
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda body: post(port, body), bodies))
+    finally:
+        stop.set()
+        prober.join()
+    return answers, max(lags)
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_large_image_bodies_do_not_stall_health_check(tmp_path):
+    """Six 36 MiB bodies (three ~9 MiB noise PNGs each, as data URLs) at once: every one is answered 200 with its
+    images resized to 1024 px, and the attack adds less than BOUND to the worst /health_check (the issue's 50 ms
+    goal for 8 x 64 MiB is measured by bench/bigbodies.py, not asserted: it moves with the machine's load).
+
+    As in test_hardening: the machine's own noise right then (the same probe around one small image request) is
+    measured before each attempt, at most 3 attempts, and the best counts: other jobs on a shared machine add
+    delay to a measurement, never remove it, while a stall the requests cause shows every time."""
+    pngs = [noise_png(1750, seed) for seed in range(3)]
+    body = image_body(pngs)
+    assert 32 * 2**20 < len(body) < 40 * 2**20
+    harmless = image_body([noise_png(64, 9)])
+    with mock_backend(tokens=2) as backend:
+        config = tmp_path / "config.yaml"
+        budget = {"max-inflight-body-bytes": 2**29, "max-key-body-bytes": 2**29}  # six bodies at once (default: five)
+        config.write_text(yaml.safe_dump(openai_config(backend.url, **budget)))
+        port = free_port()
+        args = [sys.executable, "-m", "vilms", "serve", "--config", str(config), "--host", "127.0.0.1", "--port",
+                str(port)]
+        env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "gateway"), str(ROOT)])}
+        added = []
+        with subprocess_server(args, "/health_check", port, env=env) as url:
+            for _ in range(3):
+                _, noise = while_probing(url, port, [harmless])
+                answers, lag = while_probing(url, port, [body] * 6)
+                assert [status for status, _ in answers] == [200] * 6, answers[0][1][:500]
+                added.append(lag - noise)
+                if added[-1] < BOUND:
+                    break
+        sent = backend.backend.last_request["messages"][0]["content"]
+    assert min(added) < BOUND, f"the bodies delayed /health_check by {[round(x * 1000) for x in added]} ms"
+    for part in sent[1:]:
+        header, _, data = part["image_url"]["url"].partition(",")
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert header == "data:image/jpeg;base64" and max(image.size) == 1024
