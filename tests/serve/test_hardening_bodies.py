@@ -121,3 +121,50 @@ def test_concurrent_large_image_bodies_do_not_stall_health_check(tmp_path):
         header, _, data = part["image_url"]["url"].partition(",")
         image = Image.open(io.BytesIO(base64.b64decode(data)))
         assert header == "data:image/jpeg;base64" and max(image.size) == 1024
+
+
+@pytest.fixture()
+def small_windows(monkeypatch):
+    """The large-body road with tiny strides, so that every window edge lands inside escapes, surrogate pairs
+    and UTF-8 sequences somewhere in these bodies."""
+    from vilms.serve.api import bodies
+
+    monkeypatch.setattr(bodies, "LONG", 64)
+    monkeypatch.setattr(bodies, "WINDOW", 7)
+    monkeypatch.setattr(bodies, "STEP", 5)
+    return bodies
+
+
+TRICKY = ['plain ' * 40, 'quote \\" and backslash \\\\ ' * 12, '\\\\' * 100 + '\\"', 'é猫😀 ' * 30,
+          '\\u00e9\\ud83d\\ude00\\n\\t\\/' * 20, 'x' * 63, 'data:image/png;base64,' + 'QUJD' * 50]
+
+
+@pytest.mark.parametrize("offset", range(7))
+def test_large_road_parses_exactly_as_orjson(small_windows, offset):
+    """Long strings of every kind (escapes, escaped quotes and backslashes, surrogate pairs, UTF-8), as values, list
+    items and keys, shifted so window edges fall everywhere: the same dict as orjson.loads of the whole body."""
+    from vilms.serve.api.requests import _loads
+
+    texts = ["a" * offset + text for text in TRICKY]
+    raw = ('{"model": "m", "messages": [%s], "%s": 1, "n": [1, 2.5, true, null]}' % (
+        ", ".join('{"role": "user", "content": "%s"}' % t for t in texts), texts[1])).encode()
+    expected = orjson.loads(raw)
+    assert small_windows.long_strings(raw)  # the road really lifted strings here
+    assert small_windows.parse_large(raw, None, _loads) == expected
+
+
+@pytest.mark.parametrize("raw", [b'{"a": "' + b"x" * 300, b'{"a": "' + b"x" * 200 + b'\x01' + b'y' * 100 + b'"}',
+                                 b'{"a": "' + b"x" * 200 + b'\\q' + b'y' * 100 + b'"}',
+                                 b'{"a": "' + b"x" * 200 + b'\xff' + b'y' * 100 + b'"}',
+                                 b'{"a": ' + b"x" * 300 + b'"}', b'["' + b"x" * 300 + b'"]'])
+def test_large_road_refuses_what_orjson_refuses(small_windows, raw):
+    """Unterminated, control characters, bad escapes, invalid UTF-8, bare words, a non-object: 400 invalid_json."""
+    from vilms.errors import BadRequest
+    from vilms.serve.api.requests import _loads
+
+    if not raw.startswith(b"["):  # orjson refuses the others itself
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(raw)
+    with pytest.raises(BadRequest) as refused:
+        small_windows.parse_large(raw, None, _loads)
+    assert refused.value.code == "invalid_json"

@@ -173,15 +173,25 @@ def string_value(raw: bytes, start: int, end: int) -> str:
 
 
 def _boundary(raw: bytes, start: int, at: int) -> int:
-    """A position at or before `at` (and after `start`) where a window of string content may end."""
+    """A position after `start` (near `at`) where a window of string content may end: not inside an escape, a
+    surrogate pair or a UTF-8 sequence."""
     backslash = raw.rfind(b"\\", max(start, at - 12), at)
     if backslash >= 0 and _escaped(raw, backslash + 1):  # it begins an escape: end the window before it
         at = backslash
-        if _HIGH_SURROGATE.fullmatch(raw, at - 6, at) and _escaped(raw, at - 5):
+        if at - 6 >= start and _HIGH_SURROGATE.fullmatch(raw, at - 6, at) and _escaped(raw, at - 5):
             at -= 6  # ... and before the high half of its surrogate pair
-    while at > start + 1 and 0x80 <= raw[at] < 0xC0:  # never inside a UTF-8 sequence
+    while at > start and 0x80 <= raw[at] < 0xC0:
         at -= 1
-    return at
+    return at if at > start else start + _token_length(raw, start)
+
+
+def _token_length(raw: bytes, at: int) -> int:
+    """Bytes of the escape, surrogate pair or UTF-8 character at `at` (a window too small for anything else)."""
+    if raw[at] == 0x5C:
+        if _HIGH_SURROGATE.fullmatch(raw, at, at + 6) and raw[at + 6:at + 8] == b"\\u":
+            return 12
+        return 6 if raw[at + 1:at + 2] == b"u" else 2
+    return 1 if raw[at] < 0xC0 else 2 if raw[at] < 0xE0 else 3 if raw[at] < 0xF0 else 4
 
 
 def put_back(data: Any, values: dict[str, str]) -> None:

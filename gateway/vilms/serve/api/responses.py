@@ -20,7 +20,7 @@ from vilms.serve.bridges.responses import StreamTranslator, chat_request, check_
 from vilms.serve.engines import ChatCall
 from vilms.serve.engines.base import sse_response
 from vilms.serve.api.pipeline import Admitted
-from vilms.serve.api.requests import ChatRequest, ToolsLimited, counted_list, validated
+from vilms.serve.api.requests import ChatRequest, ToolsLimited, checked, counted_list, validated
 
 PATH = "/v1/responses"
 _NO_ROUTE = (404, 405)
@@ -51,7 +51,7 @@ class ResponsesRequest(ToolsLimited):
 
 
 async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
-    parsed = validated(ResponsesRequest, body, admitted.guard.context)
+    parsed = await checked(ResponsesRequest, body, admitted.guard.context)
     check_stateless(body)
     route = admitted.resolve(parsed.model, "chat", "/v1/responses")
     enforce_policy(refused_fields(body), body.get("n"), admitted.policy(route))
