@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -16,4 +17,6 @@ def app() -> Any:
     config = load_config()
     sys.setswitchinterval(SWITCH_INTERVAL)
     setup_logging(os.environ.get("VILMS_LOG_FORMAT") or config.gateway["log-format"], config.gateway["log-level"])
-    return create_app(config)
+    app = create_app(config)
+    gc.freeze()  # the ~100,000 objects of the imports and the app: no full collection walks them again (64 ms each)
+    return app
