@@ -1,5 +1,6 @@
 """The large-body road: a body of a mebibyte or more (or of many JSON values) is parsed off the event loop, in calls
-short enough that the loop never waits long for the GIL.
+that stay short where a body's size lies in long strings (the loop then waits milliseconds for the GIL, not the
+whole parse). A body of ~200,000 short values is still one orjson call: nothing in it is long enough to lift.
 
 Why in pieces and not just in a thread: orjson, pydantic-core and binascii hold the GIL for a whole call, so one
 orjson.loads of a 64 MiB body (90-330 ms on the 2-core VM) stalls the loop as long from a worker thread as on the
