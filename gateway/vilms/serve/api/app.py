@@ -84,13 +84,16 @@ POST_ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
-def create_app(config: Config) -> HotPath:
+def create_app(config: Config, after_start: Callable[[], None] | None = None) -> HotPath:
+    """`after_start` runs once the state has started (the server's factory settles the heap there: serve/heap.py)."""
     state = GatewayState.build(config)
     guard = Guard(config, state.router)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.start()
+        if after_start is not None:
+            after_start()
         yield
         await state.stop()
         guard.close()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any
 
 from vilms.config.load import load_config
+from vilms.serve import heap
 from vilms.serve.observe import setup_logging
 from vilms.serve.api.app import create_app
 from vilms.serve.api.bodies import SWITCH_INTERVAL
@@ -17,6 +17,5 @@ def app() -> Any:
     config = load_config()
     sys.setswitchinterval(SWITCH_INTERVAL)
     setup_logging(os.environ.get("VILMS_LOG_FORMAT") or config.gateway["log-format"], config.gateway["log-level"])
-    app = create_app(config)
-    gc.freeze()  # the ~100,000 objects of the imports and the app: no full collection walks them again (64 ms each)
-    return app
+    # the heap frozen once started (sessions open, models loaded), young collections rarer: vilms.serve.heap
+    return create_app(config, after_start=heap.settle)
