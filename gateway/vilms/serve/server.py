@@ -7,6 +7,7 @@ connections forever. The guard counts head bytes before the parser sees them (an
 431 after at most `max_header_bytes` of parsing), counts header fields, and gives every head a deadline (408).
 Measured against h11 with its incomplete-event limit on the secure bench (bench/results/secure-headers.md):
 h11 costs more CPU per request, so the hot path keeps httptools.
+Each request's reply with a Content-Length leaves in one send (vilms.serve.onesend).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from vilms.serve.onesend import OneSendTransport
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         if len(self.headers) > self.limits.max_count:
             raise _TooManyHeaders()  # a parser error: answered 431 by send_400_response above
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # the new request's cycle: one send per reply
+            cycle.transport = OneSendTransport(self.transport, cycle)
 
     def on_message_complete(self) -> None:
         self.in_head, self.head_bytes = True, 0  # bytes after this message start the next head
