@@ -11,20 +11,24 @@ these tests pin what the cuts rely on, each failing on the code before them:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
+import re
 import socket
 import sys
 import threading
 import time
 from typing import Any, Iterator
 
+import httpx
 import orjson
 import pytest
 import uvicorn
 
-from tests.support import ThreadedServer, free_port, subprocess_server
+from tests.serve.test_hardening import assert_envelope, running_gauge, user
+from tests.support import ThreadedServer, free_port, gateway, subprocess_server
 from vilms.config.load import build_config
 from vilms.serve import heap
 from vilms.serve.api import create_app
@@ -202,3 +206,82 @@ def test_a_head_reply_is_written_without_a_body(served):
     answer = sock.recv(65536)
     sock.close()
     assert answer.startswith(b"HTTP/1.1 ") and answer.endswith(b"\r\n\r\n")
+
+
+# --- the engine call's bound: aiohttp's own timer, no second one ---------------------------------------------------
+
+@contextlib.contextmanager
+def trickling_engine(first_byte_after: float | None) -> Iterator[str]:
+    """An engine that answers 200 after `first_byte_after` seconds (None: never) and then sends its body one byte
+    every 0.1 s: never silent for long (read-timeout), never done either."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            if first_byte_after is None:
+                return
+            time.sleep(first_byte_after)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n")
+            for _ in range(100):
+                time.sleep(0.1)
+                conn.sendall(b" ")
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("first_byte_after", [None, 0.0], ids=["silent", "trickling"])
+def test_a_non_stream_call_is_bounded_by_total_timeout_with_its_own_message(first_byte_after):
+    """gateway.total-timeout bounds the whole non-streaming exchange, the reply's body included: a 504 saying so,
+    counted as an upstream timeout, the engine's connection closed. Kept as it was when the bound moved from an
+    asyncio.timeout around the call to aiohttp's per-request timer."""
+    with trickling_engine(first_byte_after) as url, \
+            gateway({"serving": {"engine": "openai", "base-url": url, "models": [{"name": "m"}]},
+                     "gateway": {"total-timeout": 0.6, "read-timeout": 5}}) as gw:
+        before, started = upstream_timeouts(gw.url), time.monotonic()
+        response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "messages": [user("hi")]},
+                              timeout=30)
+        took = time.monotonic() - started
+        error = assert_envelope(response, 504)
+        assert error["message"] == "openai engine did not finish within 0.6s" and error["type"] == "upstream_timeout"
+        assert 0.5 < took < 4  # not the read-timeout (5 s), not the trickle's end (10 s)
+        assert upstream_timeouts(gw.url) == before + 1 and running_gauge(gw.url) == 0
+
+
+def upstream_timeouts(url: str) -> float:
+    """vilms:upstream_errors_total{kind="timeout"} of model m (process-wide: compare before and after)."""
+    found = re.findall(r'^vilms:upstream_errors_total\{[^}]*kind="timeout",model="m"\} (\S+)$',
+                       httpx.get(url + "/metrics").text, re.M)
+    return sum(float(n) for n in found)
+
+
+def test_the_total_timeout_counts_from_the_first_attempt_across_failover():
+    """A refused first endpoint is skipped (failover on connection errors) and the next one gets what is left of
+    total-timeout, not a fresh one."""
+    refused = f"http://127.0.0.1:{free_port()}"
+    with trickling_engine(None) as silent, \
+            gateway({"serving": {"engine": "openai", "models": [{"name": "m", "base-url": [refused, silent]}]},
+                     "gateway": {"total-timeout": 0.6, "read-timeout": 5}}) as gw:
+        response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "messages": [user("hi")]},
+                              timeout=30)
+        assert assert_envelope(response, 504)["message"] == "openai engine did not finish within 0.6s"

@@ -26,6 +26,8 @@ def make_session(gateway: dict[str, Any]) -> aiohttp.ClientSession:
                                      keepalive_timeout=30, ttl_dns_cache=60, force_close=False)
     timeout = aiohttp.ClientTimeout(total=gateway["stream-timeout"], connect=None,
                                     sock_connect=gateway["connect-timeout"], sock_read=gateway["read-timeout"])
+    # Accept-Encoding identity (what no header means) rather than skip_auto_headers: skipping a header makes
+    # aiohttp build and merge a header set for every request
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True, trust_env=False,
-                                 headers={"User-Agent": "vilms-gateway"}, skip_auto_headers=("Accept-Encoding",),
+                                 headers={"User-Agent": "vilms-gateway", "Accept-Encoding": "identity"},
                                  raise_for_status=False)
