@@ -164,9 +164,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # httptools behind a guard on the request head (size, field count, deadline): vilms.serve.server
     http = protocol(HeadLimits.from_gateway(gw))
     with shared_encoder(config, workers):  # one encoder process for all workers when several share local models
+        # proxy_headers off: nothing reads the client address or scheme that X-Forwarded-* would rewrite, and its
+        # middleware ran on every request
         uvicorn.run("vilms.serve.api.factory:app", factory=True, host=args.host or gw["host"], port=args.port or gw["port"],
                     workers=workers, loop="uvloop", http=http, access_log=False, log_level="warning",
-                    timeout_keep_alive=30, backlog=4096)
+                    timeout_keep_alive=30, backlog=4096, proxy_headers=False)
     return 0
 
 

@@ -285,3 +285,15 @@ def test_the_total_timeout_counts_from_the_first_attempt_across_failover():
         response = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", "messages": [user("hi")]},
                               timeout=30)
         assert assert_envelope(response, 504)["message"] == "openai engine did not finish within 0.6s"
+
+
+def test_repeated_header_fields_count_by_their_first(served):
+    """The pipeline reads the head's fields in one pass (it walked starlette's header list once per field): of a
+    repeated field the first still counts, as starlette's `Headers.get` had it."""
+    with socket.create_connection(served, timeout=10) as sock:
+        answer = exchange(sock, post(b"/v1/chat/completions", CHAT, b"x-request-id: first-1", b"x-request-id: second"))
+        good = b"authorization: Bearer " + KEY.encode()
+        wrong_first = post(b"/v1/chat/completions", CHAT, good).replace(good, b"authorization: Bearer wrong", 1)
+        refused = exchange(sock, wrong_first)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nx-request-id: first-1\r\n" in answer
+    assert refused.startswith(b"HTTP/1.1 401 ")

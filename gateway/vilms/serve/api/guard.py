@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any, Mapping
+
 from starlette.requests import Request
 
 from vilms.serve.admission import BackendLimiter, BodyBudget, BodyHold
@@ -24,6 +26,12 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 def caller_request_id(value: str | None) -> str | None:
     """A caller's x-request-id only when short and plain (it is echoed and logged); else None."""
     return value if value is not None and _PLAIN_ID.fullmatch(value) else None
+
+
+def head_fields(scope: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """A request's header fields by their (lower-case, as ASGI servers give them) name; of a repeated field the first,
+    as starlette's `Headers.get` has it. One pass: each `Headers.get` walked the list again (a miss by an exception)."""
+    return dict(reversed(scope["headers"]))
 
 
 class Guard:
@@ -62,16 +70,17 @@ class Guard:
             if parent in self.limiters:
                 self.limiters[name] = self.limiters[parent]
 
-    def admit(self, request: Request, obs: Observation) -> ApiKey | None:
-        """Key first (nothing else is told to a stranger), then its rate and concurrency, then content type."""
-        key = self.keys.authenticate(request.headers.get("authorization"))
+    def admit(self, fields: Mapping[bytes, bytes], obs: Observation) -> ApiKey | None:
+        """Key first (nothing else is told to a stranger), then its rate and concurrency, then content type.
+        `fields`: the request's header fields (head_fields)."""
+        authorization = fields.get(b"authorization")
+        key = self.keys.authenticate(None if authorization is None else authorization.decode("latin-1"))
         if key is not None:
             obs.key = key.name
             key.take_request()
             key.enter()
             obs.on_finish(key.leave)
-        content_type = request.headers.get("content-type", "")
-        if not content_type[:16].lower() == "application/json":
+        if not fields.get(b"content-type", b"")[:16].lower() == b"application/json":
             raise GatewayError("send the body as JSON with 'Content-Type: application/json'", status=415,
                                code="unsupported_media_type")
         return key
