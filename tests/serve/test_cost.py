@@ -11,6 +11,7 @@ these tests pin what the cuts rely on, each failing on the code before them:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
@@ -27,10 +28,13 @@ import orjson
 import pytest
 import uvicorn
 
-from tests.serve.test_hardening import assert_envelope, running_gauge, user
-from tests.support import ThreadedServer, free_port, gateway, subprocess_server
+from tests.serve.test_hardening import assert_envelope, user
+from tests.serve.test_hardening_limits import wait_until
+from tests.serve.test_hardening_round2 import HangingEngine
+from tests.support import ThreadedServer, free_port, gateway, mock_backend, subprocess_server
 from vilms.config.load import build_config
 from vilms.serve import heap
+from vilms.serve.departure import Departure
 from vilms.serve.api import create_app
 from vilms.serve.server import GuardedHttpTools, HeadLimits
 
@@ -80,13 +84,13 @@ class RecordingProtocol(GuardedHttpTools):
         super().connection_made(Recorder(transport, self.SENDS))
 
 
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
-def served(request: Any, engine: str) -> Iterator[tuple[str, int]]:
-    """The gateway served as `vilms serve` serves it (its protocol, on uvloop as in production and on asyncio)."""
+@contextlib.contextmanager
+def served_stack(config_data: dict[str, Any], loop: str) -> Iterator[tuple[tuple[str, int], uvicorn.Server]]:
+    """A gateway served as `vilms serve` serves it: its protocol (sends recorded), on uvloop as in production or on
+    asyncio."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(build_config(config(engine))), host="127.0.0.1", port=port,
-                                           loop=request.param, http=functools.partial(RecordingProtocol,
-                                                                                      limits=HeadLimits()),
+    server = uvicorn.Server(uvicorn.Config(create_app(build_config(config_data)), host="127.0.0.1", port=port,
+                                           loop=loop, http=functools.partial(RecordingProtocol, limits=HeadLimits()),
                                            lifespan="on", log_level="warning", access_log=False, proxy_headers=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -94,9 +98,17 @@ def served(request: Any, engine: str) -> Iterator[tuple[str, int]]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server failed to start"
         time.sleep(0.01)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield ("127.0.0.1", port), server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def served(request: Any, engine: str) -> Iterator[tuple[str, int]]:
+    with served_stack(config(engine), request.param) as (address, _):
+        yield address
 
 
 def post(path: bytes, body: bytes, *extra: bytes) -> bytes:
@@ -268,11 +280,24 @@ def test_a_non_stream_call_is_bounded_by_total_timeout_with_its_own_message(firs
         assert upstream_timeouts(gw.url) == before + 1 and running_gauge(gw.url) == 0
 
 
+def metric(url: str, pattern: str, key: str | None = None) -> float:
+    """The sum of one metric's series matching `pattern` (with a key where the gateway has keys). The registry is
+    process-wide: compare before and after."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return sum(float(n) for n in re.findall(rf"^{pattern} (\S+)$", text, re.M))
+
+
+def running_gauge(url: str, key: str | None = None) -> float:
+    return metric(url, r"vilms:num_requests_running\{[^}]*\}", key)
+
+
+def counted(url: str, status: str, model: str, key: str | None = None) -> float:
+    return metric(url, rf'vilms:requests_total\{{[^}}]*model="{model}",route="chat",status="{status}"\}}', key)
+
+
 def upstream_timeouts(url: str) -> float:
-    """vilms:upstream_errors_total{kind="timeout"} of model m (process-wide: compare before and after)."""
-    found = re.findall(r'^vilms:upstream_errors_total\{[^}]*kind="timeout",model="m"\} (\S+)$',
-                       httpx.get(url + "/metrics").text, re.M)
-    return sum(float(n) for n in found)
+    return metric(url, r'vilms:upstream_errors_total\{[^}]*kind="timeout",model="m"\}')
 
 
 def test_the_total_timeout_counts_from_the_first_attempt_across_failover():
@@ -297,3 +322,69 @@ def test_repeated_header_fields_count_by_their_first(served):
         refused = exchange(sock, wrong_first)
     assert answer.startswith(b"HTTP/1.1 200 ") and b"\r\nx-request-id: first-1\r\n" in answer
     assert refused.startswith(b"HTTP/1.1 401 ")
+
+
+# --- a caller that leaves: told by the protocol, no task parked on receive() ---------------------------------------
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_caller_that_leaves_cancels_its_engine_call_on_the_served_stack(loop):
+    """The served stack tells a request its client left (vilms.serve.departure) instead of a second task parked on
+    receive() (old code: two tasks per request in flight, this failed on `idle + 2`): the engine call is still
+    closed at once, counted 499, its slot and gauge released."""
+    engine = HangingEngine()
+    with ThreadedServer(engine) as server, served_stack(
+            {"serving": {"engine": "vllm", "vllm-base-url": server.url, "models": [{"name": "m", "engine": "vllm"}]},
+             "gateway": {"api-keys": [{"name": "k", "key": KEY}], "backend-concurrency": 1, "backend-queue": 4,
+                         "queue-timeout": 60}}, loop) as (address, served):
+        url = "http://%s:%d" % address
+        before, idle = counted(url, "499", "m", KEY), tasks(served)
+        for i, body in enumerate([CHAT, CHAT[:-1] + b', "stream": true}'] * 2):
+            sock = socket.create_connection(address, timeout=10)
+            sock.sendall(post(b"/v1/chat/completions", body))
+            wait_until(lambda: engine.started == i + 1)
+            assert tasks(served) == idle + 1  # the request's own task, nothing parked on receive() beside it
+            sock.close()
+            wait_until(lambda: engine.cancelled == i + 1)
+        holder = socket.create_connection(address, timeout=10)  # takes the only slot
+        holder.sendall(post(b"/v1/chat/completions", CHAT))
+        wait_until(lambda: engine.started == 5)
+        queued = socket.create_connection(address, timeout=10)  # waits for it, then leaves
+        queued.sendall(post(b"/v1/chat/completions", CHAT))
+        wait_until(lambda: running_gauge(url, KEY) == 2)
+        queued.close()
+        wait_until(lambda: running_gauge(url, KEY) == 1)
+        holder.close()
+        wait_until(lambda: engine.cancelled == 5 and running_gauge(url, KEY) == 0)
+        assert engine.started == 5 and counted(url, "499", "m", KEY) == before + 6
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_stream_reader_that_leaves_closes_the_engine_stream_on_the_served_stack(loop):
+    with mock_backend(tokens=50, token_delay_ms=100) as slow, served_stack(
+            {"serving": {"engine": "openai", "base-url": slow.url, "models": [{"name": "m"}]},
+             "gateway": {"api-keys": [{"name": "k", "key": KEY}]}}, loop) as (address, _):
+        url = "http://%s:%d" % address
+        sock = socket.create_connection(address, timeout=10)
+        sock.sendall(post(b"/v1/chat/completions", CHAT[:-1] + b', "stream": true}'))
+        assert b"data: " in sock.recv(65536) + sock.recv(65536)
+        sock.close()
+        wait_until(lambda: slow.backend.stats["streams_abandoned"] == 1)
+        wait_until(lambda: running_gauge(url, KEY) == 0)
+        assert slow.backend.stats["streams_completed"] == 0
+
+
+def tasks(server: uvicorn.Server) -> int:
+    """Tasks alive on the server's loop (asked on that loop)."""
+    async def count() -> int:
+        return len(asyncio.all_tasks()) - 1  # (not this one)
+
+    return asyncio.run_coroutine_threadsafe(count(), server.servers[0].get_loop()).result(5)
+
+
+def test_a_departure_after_the_client_went_runs_at_once():
+    """A request that starts watching after its client left is cancelled all the same."""
+    gone, calls = Departure(), []
+    gone.add(lambda: calls.append("first"))
+    gone.fire()
+    gone.add(lambda: calls.append("late"))
+    assert calls == ["first", "late"]

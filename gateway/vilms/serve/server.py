@@ -7,7 +7,8 @@ connections forever. The guard counts head bytes before the parser sees them (an
 431 after at most `max_header_bytes` of parsing), counts header fields, and gives every head a deadline (408).
 Measured against h11 with its incomplete-event limit on the secure bench (bench/results/secure-headers.md):
 h11 costs more CPU per request, so the hot path keeps httptools.
-Each request's reply with a Content-Length leaves in one send (vilms.serve.onesend).
+Each request's reply with a Content-Length leaves in one send (vilms.serve.onesend), and a request is told when
+its client leaves (vilms.serve.departure).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Mapping
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from vilms.serve import departure
 from vilms.serve.onesend import OneSendTransport
 
 
@@ -60,6 +62,11 @@ class GuardedHttpTools(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None and cycle.disconnected:  # (uvicorn's mark: lost before the reply was complete)
+            gone = cycle.scope.get("extensions", {}).get(departure.EXTENSION)
+            if gone is not None:
+                gone.fire()
 
     def data_received(self, data: bytes) -> None:
         if not self.in_head:
@@ -95,8 +102,9 @@ class GuardedHttpTools(HttpToolsProtocol):
             raise _TooManyHeaders()  # a parser error: answered 431 by send_400_response above
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.transport is self.transport:  # the new request's cycle: one send per reply
-            cycle.transport = OneSendTransport(self.transport, cycle)
+        if cycle is not None and cycle.transport is self.transport:  # the new request's cycle: one send per reply,
+            cycle.transport = OneSendTransport(self.transport, cycle)  # and told when its client leaves
+            cycle.scope.setdefault("extensions", {})[departure.EXTENSION] = departure.Departure()
 
     def on_message_complete(self) -> None:
         self.in_head, self.head_bytes = True, 0  # bytes after this message start the next head
