@@ -60,6 +60,28 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root.propagate = False
 
 
+class _Running:
+    """vilms:num_requests_running of one (model, engine): a plain count kept on the event loop, read when /metrics is
+    scraped (Gauge.set_function). The gauge's inc() and dec() took a lock each per request."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+_RUNNING: dict[tuple[str, str], _Running] = {}
+
+
+def _running(model: str, engine: str) -> _Running:
+    """One count per gauge child, shared by the routes that serve the model."""
+    found = _RUNNING.get((model, engine))
+    if found is None:
+        count = found = _RUNNING[(model, engine)] = _Running()
+        RUNNING.labels(model, engine).set_function(lambda: count.n)
+    return found
+
+
 class _Series:
     """The metric children of one (route, model, engine), looked up once and kept: prometheus_client's `.labels()`
     takes a lock and builds a key on every call, which was a measurable share of a proxied request's CPU."""
@@ -68,7 +90,7 @@ class _Series:
 
     def __init__(self, route: str, model: str, engine: str):
         self.labels = (route, model, engine)
-        self.running = RUNNING.labels(model, engine)
+        self.running = _running(model, engine)
         self.latency = LATENCY.labels(route, model, engine)
         self.ttft = TTFT.labels(model, engine)
         self.by_status: dict[int, Any] = {}
@@ -108,10 +130,10 @@ class Observation:
 
     def bind(self, model: str, engine: str) -> None:
         if self._series is not None:  # bound again (a handler that re-routes): the gauge counts the request once
-            self._series.running.dec()
+            self._series.running.n -= 1
         self.model, self.engine = model, engine
         self._series = _series(self.route, model, engine)
-        self._series.running.inc()
+        self._series.running.n += 1
 
     def on_finish(self, release: Callable[[], None]) -> None:
         """Run `release` (a slot, a key's concurrency) when the request ends, on whatever path it ends."""
@@ -138,7 +160,7 @@ class Observation:
                 release()
         series = self._series
         if series is not None:
-            series.running.dec()
+            series.running.n -= 1
         else:
             series = _series(self.route, self.model, self.engine)
         series.requests(status).inc()
