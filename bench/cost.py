@@ -13,9 +13,11 @@ Cases
   1 worker in-process, 1 worker + shared encoder, N workers + shared encoder; keys and caps on.
 Load: wrk (native, multi-threaded: the load generator is never the limit, unlike one Python process), loopback.
 With --baseline-src each target also runs from that checkout ("before"), wrk runs alternated before/after within
-every round so load drift hits both alike. Medians over rounds.
+every round so load drift hits both alike. Medians over rounds. With --floor the chat cases also measure a bare relay
+on the same stack (bench/relay_floor.py: uvicorn, aiohttp, no pipeline): what the gateway costs above it is its own.
 
-    python -m bench.cost [--baseline-src DIR] [--rounds 3] [--duration 5] [--workers 2,4] [--quick] [--stem cost]
+    python -m bench.cost [--baseline-src DIR] [--rounds 3] [--duration 5] [--workers 2,4] [--floor] [--quick]
+                         [--stem cost]
 
 Writes bench/results/<stem>.{json,md} (or --out).
 """
@@ -101,13 +103,14 @@ def embedding_config(name: str, workers: int, encoder: str, log_level: str) -> P
 class Gateway:
     """One gateway under test: a name, its process tree, its URL, and whether requests carry the key."""
 
-    def __init__(self, name: str, module: str, config: Path, src: str | None, auth: bool):
+    def __init__(self, name: str, module: str, config: Path | None, src: str | None, auth: bool,
+                 args: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = AUTH if auth else None
         env = {"PYTHONPATH": os.pathsep.join([str(Path(src) / "gateway"), str(ROOT)])} if src else None
-        self.proc = Proc(f"cost-{name}", [PY, "-m", module, "serve", "--config", str(config), "--port", str(self.port)],
-                         env=env)
+        args = ["serve", "--config", str(config)] if args is None else args
+        self.proc = Proc(f"cost-{name}", [PY, "-m", module, *args, "--port", str(self.port)], env=env)
 
     def ready(self, path: str, workers: int) -> None:
         wait_http(self.url + path, 120, self.proc.proc)
@@ -118,8 +121,11 @@ class Gateway:
 def chat_targets(args: argparse.Namespace, backend: str) -> dict[str, Gateway]:
     configs = chat_configs(backend, args.log_level)
     sources = {"after": None, **({"before": args.baseline_src} if args.baseline_src else {})}
-    return {f"{version}-{mode}": Gateway(f"chat-{version}-{mode}", "vilms", configs[mode], src, mode == "keys")
-            for mode in ("plain", "keys") for version, src in sources.items()}
+    targets = {f"{version}-{mode}": Gateway(f"chat-{version}-{mode}", "vilms", configs[mode], src, mode == "keys")
+               for mode in ("plain", "keys") for version, src in sources.items()}
+    if args.floor:  # the stack alone: uvicorn, aiohttp, the kernel (bench/relay_floor.py)
+        targets["floor"] = Gateway("chat-floor", "bench.relay_floor", None, None, False, ["--backend", backend])
+    return targets
 
 
 def embedding_targets(args: argparse.Namespace) -> dict[str, Gateway]:
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default="chat,embeddings")
     parser.add_argument("--log-level", default="warning",
                         help="the gateways' log level (info, the config default, adds one access line per request)")
+    parser.add_argument("--floor", action="store_true",
+                        help="chat cases: also a bare relay on the gateway's stack (bench/relay_floor.py), its floor")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s runs: checks the harness, not the figures")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None)

@@ -124,7 +124,8 @@ def exchange(sock: socket.socket, request: bytes) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(fields[b"content-length"])
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body

@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk comes with `make system`")
 def test_cost_bench_quick(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.cost", "--quick", "--workers", "2", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "bench.cost", "--quick", "--workers", "2", "--floor",
+                             "--out", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "cost-quick.json").read_text())["summary"]
     expected = {"chat direct", "stream direct"}
-    expected |= {f"{kind} after-{mode}" for kind in ("chat", "stream") for mode in ("plain", "keys")}
+    expected |= {f"{kind} {target}" for kind in ("chat", "stream") for target in ("after-plain", "after-keys", "floor")}
     expected |= {f"embed-{fmt} after-{layout}" for fmt in ("float", "base64") for layout in ("1w", "1w-shared", "2w-shared")}
     assert set(summary) == expected
     for name, row in summary.items():
