@@ -22,8 +22,10 @@ def make_session(gateway: dict[str, Any]) -> aiohttp.ClientSession:
     connection, which made a busy pool look like an unreachable engine. Admission control (one queue per
     backend) bounds how many requests wait for the pool.
     """
+    # Idle connections are dropped after 4 s: uvicorn-based engines (vLLM, the stand-ins) close theirs after 5 s, and
+    # a request written into a connection the engine is closing fails (ClientOSError, a 502 to the caller).
     connector = aiohttp.TCPConnector(limit=gateway["max-connections"], limit_per_host=0,
-                                     keepalive_timeout=30, ttl_dns_cache=60, force_close=False)
+                                     keepalive_timeout=4, ttl_dns_cache=60, force_close=False)
     timeout = aiohttp.ClientTimeout(total=gateway["stream-timeout"], connect=None,
                                     sock_connect=gateway["connect-timeout"], sock_read=gateway["read-timeout"])
     # Accept-Encoding identity (what no header means) rather than skip_auto_headers: skipping a header makes
