@@ -43,11 +43,12 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 class ThreadedServer:
     """Runs an ASGI app under uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, app: Any, port: int | None = None):
+    def __init__(self, app: Any, port: int | None = None, **settings: Any):
+        """`settings` replace uvicorn.Config's here (e.g. the served protocol as `http`, `loop="uvloop"`)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", loop="asyncio", http="h11")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, **{
+            "log_level": "warning", "access_log": False, "lifespan": "on", "loop": "asyncio", "http": "h11", **settings})
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -89,21 +89,10 @@ class RecordingProtocol(GuardedHttpTools):
 def served_stack(config_data: dict[str, Any], loop: str) -> Iterator[tuple[tuple[str, int], uvicorn.Server]]:
     """A gateway served as `vilms serve` serves it: its protocol (sends recorded), on uvloop as in production or on
     asyncio."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(build_config(config_data)), host="127.0.0.1", port=port,
-                                           loop=loop, http=functools.partial(RecordingProtocol, limits=HeadLimits()),
-                                           lifespan="on", log_level="warning", access_log=False, proxy_headers=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server failed to start"
-        time.sleep(0.01)
-    try:
-        yield ("127.0.0.1", port), server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    app = create_app(build_config(config_data))
+    with ThreadedServer(app, loop=loop, http=functools.partial(RecordingProtocol, limits=HeadLimits()),
+                        proxy_headers=False) as served:
+        yield ("127.0.0.1", served.port), served.server
 
 
 @pytest.fixture(scope="module", params=["uvloop", "asyncio"])

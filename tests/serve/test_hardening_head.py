@@ -14,13 +14,12 @@ import time
 from typing import Any, Iterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from tests.support import free_port
+from tests.support import ThreadedServer, free_port
 from vilms.serve.server import HeadLimits, protocol
 
 LIMITS = HeadLimits(max_bytes=16384, max_count=32, timeout=0.5)
@@ -34,19 +33,8 @@ async def _echo(request: Request) -> PlainTextResponse:
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, int]]:
     app = Starlette(routes=[Route("/echo", _echo, methods=["GET", "POST"])])
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            loop="asyncio", http=protocol(LIMITS), lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server failed to start"
-        time.sleep(0.01)
-    yield "127.0.0.1", port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with ThreadedServer(app, http=protocol(LIMITS), lifespan="off") as served:
+        yield "127.0.0.1", served.port
 
 
 def _connect(addr: tuple[str, int]) -> socket.socket:
