@@ -154,16 +154,22 @@ def test_several_workers_under_concurrent_load_answer_each_caller_as_a_direct_en
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
             return await asyncio.gather(*(client.post("/v1/embeddings", json=body(i)) for i in range(96)))
 
+    def served_by(responses: list[httpx.Response]) -> set[str]:
+        return {r.headers["x-request-id"][:12] for r in responses}  # a process-unique prefix per worker
+
     with subprocess_server(args, "/health/ready", port, timeout=240) as url:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and httpx.get(url + "/health/ready", timeout=10).status_code != 200:
             time.sleep(0.3)
-        responses = asyncio.run(load(url))
+        # The kernel hands each new connection to whichever worker accepts first: on a loaded machine one worker
+        # can take a whole wave. Waves of 96 fresh connections go on until two workers served, every answer checked.
+        waves = [asyncio.run(load(url))]
+        while len(served_by([r for wave in waves for r in wave])) < 2 and len(waves) < 5:
+            waves.append(asyncio.run(load(url)))
     model = SentenceTransformer(minilm_path(), device="cpu")
     direct = dict(zip(SENTENCES, model.encode(SENTENCES)))
-    served_by = {r.headers["x-request-id"][:12] for r in responses}  # a process-unique prefix per worker
-    assert len(served_by) >= 2, served_by
-    for i, response in enumerate(responses):
+    assert len(served_by([r for wave in waves for r in wave])) >= 2, [served_by(wave) for wave in waves]
+    for i, response in ((i, r) for wave in waves for i, r in enumerate(wave)):
         assert response.status_code == 200, response.text
         data = response.json()["data"]
         assert [d["index"] for d in data] == list(range(len(groups[i])))
