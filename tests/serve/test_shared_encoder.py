@@ -149,10 +149,17 @@ def test_several_workers_under_concurrent_load_answer_each_caller_as_a_direct_en
         extra = {"encoding_format": "base64"} if i % 2 else {}
         return {"model": "minilm", "input": groups[i], **extra, **({"dimensions": 384} if i % 3 == 0 else {})}
 
-    async def load(url: str) -> list[httpx.Response]:
+    async def load(url: str) -> list[list[httpx.Response]]:
+        """Two overlapping waves of 96 requests on fresh connections. The kernel wakes every worker for a new
+        connection and the first awake takes a whole burst, so the second wave (its own client: new connections)
+        opens when the first wave's first answer arrives, while the worker that took the first wave is answering."""
         limits = httpx.Limits(max_connections=96)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(client.post("/v1/embeddings", json=body(i)) for i in range(96)))
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as one, \
+                httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as two:
+            first = [asyncio.ensure_future(one.post("/v1/embeddings", json=body(i))) for i in range(96)]
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            second = [asyncio.ensure_future(two.post("/v1/embeddings", json=body(i))) for i in range(96)]
+            return [await asyncio.gather(*first), await asyncio.gather(*second)]
 
     def served_by(responses: list[httpx.Response]) -> set[str]:
         return {r.headers["x-request-id"][:12] for r in responses}  # a process-unique prefix per worker
@@ -161,11 +168,9 @@ def test_several_workers_under_concurrent_load_answer_each_caller_as_a_direct_en
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and httpx.get(url + "/health/ready", timeout=10).status_code != 200:
             time.sleep(0.3)
-        # The kernel hands each new connection to whichever worker accepts first: on a loaded machine one worker
-        # can take a whole wave. Waves of 96 fresh connections go on until two workers served, every answer checked.
-        waves = [asyncio.run(load(url))]
-        while len(served_by([r for wave in waves for r in wave])) < 2 and len(waves) < 5:
-            waves.append(asyncio.run(load(url)))
+        waves: list[list[httpx.Response]] = []
+        while len(served_by([r for w in waves for r in w])) < 2 and len(waves) < 6:
+            waves += asyncio.run(load(url))
     model = SentenceTransformer(minilm_path(), device="cpu")
     direct = dict(zip(SENTENCES, model.encode(SENTENCES)))
     assert len(served_by([r for wave in waves for r in wave])) >= 2, [served_by(wave) for wave in waves]
