@@ -14,9 +14,11 @@ Cases
 Load: wrk (native, multi-threaded: the load generator is never the limit, unlike one Python process), loopback.
 With --baseline-src each target also runs from that checkout ("before"), wrk runs alternated before/after within
 every round so load drift hits both alike. Medians over rounds. With --floor the chat cases also measure a bare relay
-on the same stack (bench/relay_floor.py: uvicorn, aiohttp, no pipeline): what the gateway costs above it is its own.
+on the same stack (bench/relay_floor.py: uvicorn, aiohttp, no pipeline): what the gateway costs above it is its own;
+--floor-variants adds the same relay over another upstream client or under granian (issue #23, bench/clients.py).
 
     python -m bench.cost [--baseline-src DIR] [--rounds 3] [--duration 5] [--workers 2,4] [--floor] [--quick]
+                         [--floor-variants aiohttp,pyreqwest,raw,aiohttp/granian]
                          [--stem cost]
 
 Writes bench/results/<stem>.{json,md} (or --out).
@@ -123,8 +125,12 @@ def chat_targets(args: argparse.Namespace, backend: str) -> dict[str, Gateway]:
     sources = {"after": None, **({"before": args.baseline_src} if args.baseline_src else {})}
     targets = {f"{version}-{mode}": Gateway(f"chat-{version}-{mode}", "vilms", configs[mode], src, mode == "keys")
                for mode in ("plain", "keys") for version, src in sources.items()}
-    if args.floor:  # the stack alone: uvicorn, aiohttp, the kernel (bench/relay_floor.py)
-        targets["floor"] = Gateway("chat-floor", "bench.relay_floor", None, None, False, ["--backend", backend])
+    for variant in args.floor_variants if args.floor else []:  # the stack alone: server, client, kernel
+        client, _, server = variant.partition("/")
+        name = "floor" + "".join(f"-{part}" for part in (server, client) if part not in ("", "uvicorn", "aiohttp"))
+        targets[name] = Gateway(f"chat-{name}", "bench.relay_floor", None, None, False,
+                                ["--backend", backend, "--client", client, "--server", server or "uvicorn"])
+        targets[name].stream = client != "raw"  # type: ignore[attr-defined]  # (raw relays a stream whole)
     return targets
 
 
@@ -177,6 +183,8 @@ def _plan(chats: dict[str, Gateway], embs: dict[str, Gateway], base: str) -> dic
         plan["stream direct"] = (base + "/v1/chat/completions", stream, None, lambda: [])
     for kind, body in (("chat", chat), ("stream", stream)):
         for name, g in chats.items():
+            if kind == "stream" and not getattr(g, "stream", True):
+                continue
             plan[f"{kind} {name}"] = (g.url + "/v1/chat/completions", body, g.auth, g.proc.pids)
     for fmt in ("float", "base64"):
         body = json.dumps({"model": "minilm", "input": SENTENCE, "encoding_format": fmt})
@@ -226,12 +234,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="the gateways' log level (info, the config default, adds one access line per request)")
     parser.add_argument("--floor", action="store_true",
                         help="chat cases: also a bare relay on the gateway's stack (bench/relay_floor.py), its floor")
+    parser.add_argument("--floor-variants", default="aiohttp",
+                        help="with --floor: the relay's upstream client[/server], e.g. aiohttp,pyreqwest,raw,"
+                             "aiohttp/granian (bench/clients.py compares the clients alone)")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s runs: checks the harness, not the figures")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None)
     args = parser.parse_args(argv)
     args.workers = [int(n) for n in args.workers.split(",") if n]
     args.cases = set(args.cases.split(","))
+    args.floor_variants = [v for v in args.floor_variants.split(",") if v]
     if args.quick:
         args.rounds, args.duration = 1, 1
     if shutil.which("wrk") is None:

@@ -5,7 +5,10 @@ the config's defaults) and relays the answer, a stream chunk by chunk, served as
 (its guarded httptools protocol, uvloop, the heap settled): no keys, no validation, no metrics, no limits. What the
 gateway costs above this is its pipeline; this itself is uvicorn, aiohttp and the kernel (bench/cost.py --floor).
 
-    python -m bench.relay_floor --backend http://127.0.0.1:9000 --port 8001
+`--client pyreqwest` / `--server granian` (optional installs) and `--client raw` (bench/clients.py's httptools
+reference) put another client or server under the same relay: issue #23, bench/results/clients.md.
+
+    python -m bench.relay_floor --backend http://127.0.0.1:9000 --port 8001 [--client aiohttp] [--server uvicorn]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "gateway"))
+sys.path.insert(0, str(ROOT))
 from vilms.config.load import build_config  # noqa: E402
 from vilms.serve import heap  # noqa: E402
 from vilms.serve.http import make_session  # noqa: E402
@@ -81,14 +85,117 @@ class Relay:
         await send({"type": "http.response.body", "body": data})
 
 
+class ReqwestRelay(Relay):
+    """The same relay over pyreqwest (Rust reqwest/hyper on its own tokio thread), configured as make_session is:
+    the config's timeouts, idle connections dropped after 4 s, no decompression, no redirects (bench/clients.py)."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.client: Any = None
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        from datetime import timedelta
+
+        from pyreqwest.client import ClientBuilder
+
+        gateway = gateway_settings(self.backend)
+        self.client = (ClientBuilder().user_agent("vilms-gateway").default_headers({"Accept-Encoding": "identity"})
+                       .gzip(False).brotli(False).zstd(False).deflate(False).follow_redirects(False)
+                       .connect_timeout(timedelta(seconds=gateway["connect-timeout"]))
+                       .read_timeout(timedelta(seconds=gateway["read-timeout"]))
+                       .timeout(timedelta(seconds=gateway["stream-timeout"]))
+                       .pool_idle_timeout(timedelta(seconds=4)).build())
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                heap.settle()
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await self.client.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        request = self.client.post(self.backend + scope["path"]).headers({"Content-Type": "application/json"})
+        async with request.body_bytes(body).build_streamed() as answer:
+            reader = answer.body_reader
+            if (answer.get_header("content-type") or "").startswith("text/event-stream"):
+                await send({"type": "http.response.start", "status": answer.status, "headers": SSE})
+                while (chunk := await reader.read_chunk()) is not None:
+                    await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            chunks = []
+            while (chunk := await reader.read_chunk()) is not None:
+                chunks.append(bytes(chunk))
+            data = b"".join(chunks)
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+
+class RawRelay(Relay):
+    """The same relay over bench/clients.py's RawPool (httptools, no timeouts, no limits): a reference for how low
+    a client could take the floor at all, not a candidate. Streams are relayed whole, as one body."""
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        from bench.clients import RawPool
+
+        self.pool = RawPool(self.backend)
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                heap.settle()
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await self.pool.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        status, data = await self.pool.post(scope["path"], body)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+
+CLIENTS = {"aiohttp": Relay, "pyreqwest": ReqwestRelay, "raw": RawRelay}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="aiohttp", help="the upstream HTTP client")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="granian (Rust ASGI server, measurement only): its own HTTP, no head guard")
     args = parser.parse_args()
+    app = CLIENTS[args.client](args.backend)
+    if args.server == "granian":
+        return granian(app, args.port)
     limits = HeadLimits.from_gateway(gateway_settings(args.backend))
-    uvicorn.run(Relay(args.backend), host="127.0.0.1", port=args.port, loop="uvloop", http=protocol(limits),
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http=protocol(limits),
                 access_log=False, log_level="warning", proxy_headers=False, lifespan="on")
+
+
+def granian(app: Relay, port: int) -> None:
+    """One granian worker, uvloop, the same app: what a Rust HTTP server leaves of uvicorn's ~15 %."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+
+    async def serve() -> None:
+        await Server(app, address="127.0.0.1", port=port, interface=Interfaces.ASGI, http=HTTPModes.http1).serve()
+    import uvloop
+
+    uvloop.run(serve())
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def test_cost_bench_quick(tmp_path):
             assert row["cpu_us_per_request"] > 0, (name, row)  # the gateway's processes were found and measured
     table = (tmp_path / "cost-quick.md").read_text()
     assert "gateway CPU µs / request" in table and "Command: `python -m bench.cost --quick" in table
+
+
+def test_clients_bench_quick(tmp_path):
+    """bench/clients.py (issue #23) runs end to end with the clients the project installs (aiohttp, the httptools
+    reference) and reports each one's own CPU per request; the candidates it compares are optional installs."""
+    result = subprocess.run([sys.executable, "-m", "bench.clients", "--clients", "aiohttp,raw", "--hold-ms", "0",
+                             "--rounds", "1", "--duration", "0.5", "--warmup", "0.2", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = json.loads((tmp_path / "clients-alone.json").read_text())["runs"]
+    assert set(runs) == {"0ms aiohttp", "0ms raw"}
+    for name, (row,) in runs.items():
+        assert row["errors"] == 0 and row["requests"] > 0 and row["cpu_us_per_request"] > 0, (name, row)
+    assert "client CPU µs / request" in (tmp_path / "clients-alone.md").read_text()
