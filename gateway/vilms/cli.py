@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import MutableMapping
@@ -147,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vilms.serve.embeddings.process import shared_encoder
     from vilms.serve.observe import setup_logging
     from vilms.serve.server import HeadLimits, protocol
+    from vilms.serve.workers import resolve_workers
 
     path = args.config or os.environ.get(CONFIG_ENV)
     try:
@@ -157,7 +159,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gw = config.gateway
     setup_logging(args.log_format or gw["log-format"], gw["log-level"])
     quiet_openmp(os.environ)  # before any worker or encoder process imports torch
-    workers = args.workers or gw["workers"]
+    workers = args.workers or resolve_workers(gw["workers"], config)
+    if gw["workers"] == "auto" and not args.workers:
+        logging.getLogger("vilms.gateway").info("gateway.workers auto: %d worker process(es)", workers)
     os.environ[CONFIG_ENV] = os.path.abspath(path)
     if args.log_format:
         os.environ["VILMS_LOG_FORMAT"] = args.log_format
