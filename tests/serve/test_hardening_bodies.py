@@ -168,3 +168,70 @@ def test_large_road_refuses_what_orjson_refuses(small_windows, raw):
     with pytest.raises(BadRequest) as refused:
         small_windows.parse_large(raw, None, _loads)
     assert refused.value.code == "invalid_json"
+
+
+def chat_with_long_texts(texts: list[str]) -> bytes:
+    """A chat whose long strings sit where the large road keeps them as literals (a message's content, a text
+    part's text) and where it must not (an image URL, a metadata value, a key)."""
+    return ('{"model": "LLM", "max_tokens": 4, "messages": [{"role": "system", "content": "%s"}, {"role": "user", '
+            '"content": [{"type": "text", "text": "%s"}, {"type": "image_url", "image_url": {"url": "%s"}}]}], '
+            '"metadata": {"note": "%s"}}' % tuple(texts)).encode()
+
+
+@pytest.mark.parametrize("offset", range(3))
+def test_message_texts_stay_literals_and_are_forwarded_as_sent(small_windows, offset):
+    """The chat road never makes a long message text a Python string: the body holds a placeholder that passes
+    validation, the forwarded JSON carries the client's literal byte for byte, and it means what orjson reads."""
+    from vilms.serve.api.requests import ChatRequest, _loads, validated
+    from vilms.serve.large import serialised
+
+    texts = ["a" * offset + text for text in (TRICKY[1], TRICKY[4], TRICKY[6], TRICKY[3])]
+    raw = chat_with_long_texts(texts)
+    body = small_windows.parse_large(raw, None, _loads, True)
+    assert sorted(body.texts.values()) == [(raw.index(t.encode()) - 1, raw.index(t.encode()) + len(t.encode()))
+                                           for t in texts[:2]]  # the two message texts, nothing else
+    assert body["messages"][1]["content"][1]["image_url"]["url"] == orjson.loads(raw)["messages"][1]["content"][1][
+        "image_url"]["url"]
+    validated(ChatRequest, body, {})
+    sent = b"".join(serialised(body))
+    assert orjson.loads(sent) == orjson.loads(raw)
+    assert all(b'"%s"' % t.encode() in sent for t in texts[:2])
+    assert small_windows.materialise(body) == orjson.loads(raw)  # what an adapter that reads them gets
+
+
+def test_a_kept_message_text_is_still_checked(small_windows):
+    from vilms.errors import BadRequest
+    from vilms.serve.api.requests import _loads
+
+    raw = chat_with_long_texts(["x" * 200 + "\\q", "ok", "u", "n"])
+    with pytest.raises(BadRequest) as refused:
+        small_windows.parse_large(raw, None, _loads, True)
+    assert refused.value.code == "invalid_json"
+
+
+def test_large_chat_bodies_reach_the_engine_unchanged():
+    """Through the served gateway (1 MiB and more: the large road): a 1.5 MiB text with escapes and CJK, kept as
+    a literal and sent in pieces, and a body of ~30,000 values parsed and serialised in pieces; the engine gets
+    what the client sent."""
+    from tests.serve.test_hardening import openai_config
+    from tests.support import gateway
+
+    line = 'Le "chat" dort près de la fenêtre; 猫は窓のそばで眠る.\n'
+    text = {"model": "LLM", "max_tokens": 4, "messages": [{"role": "user", "content": line * 25_000}]}
+    many = {"model": "LLM", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "w%d" % i}] * 4} for i in range(2500)]}
+    with mock_backend(tokens=2) as backend, gateway(openai_config(backend.url)) as gw:
+        for body in (text, many):
+            answer = httpx.post(gw.url + CHAT, content=orjson.dumps(body), timeout=60,
+                                headers={"content-type": "application/json"})
+            assert answer.status_code == 200, answer.text
+            assert backend.backend.last_request["messages"] == body["messages"]
+
+
+def test_discard_frees_long_lists_in_the_body_thread():
+    from vilms.serve.large import Bodies, discard
+
+    holder = {"messages": [{"a": [1]}] * 1000, "short": [1, 2]}
+    discard(holder)
+    Bodies.executor.submit(lambda: None).result(10)
+    assert holder == {"messages": [], "short": [1, 2]}

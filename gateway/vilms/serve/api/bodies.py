@@ -19,15 +19,15 @@ placeholder starts with a backslash, which is invalid outside a string) and the 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator
 
 import orjson
 
 from vilms.errors import BadRequest
+from vilms.serve.api import jsonsplit
+from vilms.serve.large import Bodies, Large
 
 LARGE = 1 << 20  # bodies from this size on take this road (below it: the loop, as before; ~200 B chats pay nothing)
 MANY = 10_000  # ... and bodies holding more JSON values than this, whatever their size (validation is per value)
@@ -39,21 +39,6 @@ COUNTED = 1 << 22  # bytes per count() call of the pre-parse value count
 _INSIDE_ONLY = re.compile(rb"[^\t\n\r 0-9+\-.eEtrufalsn\[\]{},:]")  # a byte valid JSON has only inside strings
 _CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)  # string content: plain bytes and escapes
 _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
-T = TypeVar("T")
-
-
-class ManyValues(dict):
-    """A body holding more than MANY JSON values: its request model is validated off the loop too (`Bodies.run`)."""
-
-
-class Bodies:
-    """The one thread that parses and validates large bodies (module-wide: every app in a process shares it)."""
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vilms-body")
-
-    @classmethod
-    async def run(cls, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(cls.executor, fn, *args)
 
 
 def large(raw: bytes) -> bool:
@@ -67,10 +52,12 @@ def json_nodes(raw: bytes, start: int, end: int) -> int:
     return raw.count(b",", start, end) + raw.count(b"{", start, end) + raw.count(b"[", start, end)
 
 
-def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[[bytes], dict[str, Any]]) -> dict[str, Any]:
+def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[..., dict[str, Any]],
+                texts: bool = False) -> Large:
     """The body as `loads` (the small-body parser, with its checks) would return it, parsed in short calls: long
-    strings lifted out first, the value count taken on what is left, then the skeleton parsed and the strings put
-    back. Runs in the body thread."""
+    strings lifted out first, the value count taken on what is left, then the skeleton parsed in pieces
+    (vilms.serve.api.jsonsplit) and the strings put back. With `texts` (chat), long message texts stay the client's
+    literals (checked, not decoded: see `Large`). Runs in the body thread."""
     spans = long_strings(raw)
     nonce = secrets.token_hex(8)
     skeleton = lifted(raw, spans, nonce)
@@ -78,11 +65,50 @@ def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[[bytes], dict
     if max_nodes is not None and nodes > max_nodes:
         raise BadRequest(f"request body holds more than {max_nodes} JSON values (gateway.max-json-nodes)",
                          code="too_many_json_values")
-    data = loads(skeleton)
+    body = Large(loads(skeleton, jsonsplit.loads))
+    body.many, body.nonce = nodes > MANY, nonce
     if spans:
-        values = {f"\x1fvilms:{i}:{nonce}": string_value(raw, o + 1, c) for i, (o, c) in enumerate(spans)}
-        put_back(data, values)
-    return ManyValues(data) if nodes > MANY else data
+        places = {f"\x1fvilms:{i}:{nonce}": span for i, span in enumerate(spans)}
+        kept = message_texts(body, places) if texts else set()
+        for place in kept:
+            opening, closing = places[place]
+            for _ in _decoded(raw, opening + 1, closing):  # checked as orjson would, then dropped
+                pass
+        if kept:
+            body.raw, body.texts = raw, {place: places[place] for place in kept}
+        put_back(body, {place: string_value(raw, o + 1, c) for place, (o, c) in places.items() if place not in kept})
+    return body
+
+
+def message_texts(body: dict[str, Any], places: dict[str, tuple[int, int]]) -> set[str]:
+    """The placeholders that stand for a chat message's text: `messages[i].content` as a string, or the `text` of a
+    part whose type is "text". Nothing else in the gateway reads those (the models only check they are strings)."""
+    kept: set[str] = set()
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str) and content in places:
+            kept.add(content)
+        for part in content if isinstance(content, list) else ():
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            if isinstance(text, str) and text in places:
+                kept.add(text)
+    return kept
+
+
+def materialise(body: dict[str, Any]) -> dict[str, Any]:
+    """The kept message texts made strings (for an engine adapter that reads them: Ollama's). Body thread."""
+    if type(body) is Large and body.texts:
+        put_back(body, {place: string_value(body.raw, o + 1, c) for place, (o, c) in body.texts.items()})
+        body.texts = {}
+    return body
+
+
+async def whole(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with every kept message text a string (`materialise`, in the body thread when there are any)."""
+    if type(body) is Large and body.texts:
+        return await Bodies.run(materialise, body)
+    return body
 
 
 def lifted(raw: bytes, spans: list[tuple[int, int]], nonce: str) -> bytes:
@@ -164,16 +190,19 @@ def _closing_quote(raw: bytes, at: int) -> int:
 def string_value(raw: bytes, start: int, end: int) -> str:
     """The text of the string literal whose content is raw[start:end], checked and unescaped as orjson does, in
     windows of WINDOW bytes cut where no escape, surrogate pair or UTF-8 sequence is split."""
-    pieces = []
+    return "".join(_decoded(raw, start, end))
+
+
+def _decoded(raw: bytes, start: int, end: int) -> Iterator[str]:
+    """The windows of `string_value`, one orjson call each."""
     while start < end:
         cut = end if end - start <= WINDOW else _boundary(raw, start, start + WINDOW)
         try:
-            pieces.append(orjson.loads(b'"%b"' % raw[start:cut]))
+            yield orjson.loads(b'"%b"' % raw[start:cut])
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {start + exc.pos - 1}",
                              code="invalid_json") from None
         start = cut
-    return "".join(pieces)
 
 
 def _boundary(raw: bytes, start: int, at: int) -> int:

@@ -121,6 +121,7 @@ class Pipeline:
         """The handler (images, slot, engine call, a place in an embedding batch) is cancelled when the caller
         leaves, stream or not: the upstream request is closed and the request counted as 499."""
         guard, state = self.guard, self.state
+        texts = kind == "chat"  # chat bodies keep long message texts as the client's literals (api.bodies.Large)
 
         async def endpoint(request: Request) -> Response:
             fields = head_fields(request.scope)
@@ -131,7 +132,7 @@ class Pipeline:
                 key = guard.admit(fields, obs)
                 hold = guard.hold(key)
                 body = await parse_body(await read_body(request, guard.body_limit, hold, guard.body_timeout),
-                                        guard.max_nodes)
+                                        guard.max_nodes, texts)
                 response = await until_disconnect(request, handler(body, Admitted(guard, state, key, obs)))
             except GatewayError as exc:
                 obs.finish(exc.status, exc.code or "")

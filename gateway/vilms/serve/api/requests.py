@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import orjson
 from starlette.requests import ClientDisconnect
@@ -11,7 +11,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator)
 
 from vilms.serve.admission import BodyHold
-from vilms.serve.api.bodies import LARGE, Bodies, ManyValues, json_nodes, large, parse_large
+from vilms.serve.api.bodies import LARGE, Bodies, Large, json_nodes, large, parse_large
+from vilms.serve.api.jsonsplit import Invalid
 from vilms.errors import BadRequest, GatewayError
 
 
@@ -251,12 +252,12 @@ async def read_body(request: Any, limit: int, hold: BodyHold, timeout: float) ->
     return await Bodies.run(b"".join, chunks)  # a join this big drops the GIL; one thread: never 8 memcpys at once
 
 
-async def parse_body(raw: bytes, max_nodes: int | None) -> dict[str, Any]:
+async def parse_body(raw: bytes, max_nodes: int | None, texts: bool = False) -> dict[str, Any]:
     """`parse_json` on the loop for the usual small body; a large one (bodies.large) is parsed in the body thread,
-    in short calls (vilms.serve.api.bodies)."""
+    in short calls (vilms.serve.api.bodies; `texts`: long chat message texts kept as the client's literals)."""
     if not large(raw):
         return parse_json(raw, max_nodes)
-    return await Bodies.run(parse_large, raw, max_nodes, _loads)
+    return await Bodies.run(parse_large, raw, max_nodes, _loads, texts)
 
 
 def parse_json(raw: bytes, max_nodes: int | None = None) -> dict[str, Any]:
@@ -270,11 +271,12 @@ def parse_json(raw: bytes, max_nodes: int | None = None) -> dict[str, Any]:
     return _loads(raw)
 
 
-def _loads(raw: bytes) -> dict[str, Any]:
-    """orjson, then the checks on what it returned (an object, not nested too deep)."""
+def _loads(raw: bytes, parse: Callable[[bytes], Any] = orjson.loads) -> dict[str, Any]:
+    """orjson (or `parse`: the same value in pieces), then the checks on what it returned (an object, not nested
+    too deep)."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        data = parse(raw)
+    except (orjson.JSONDecodeError, Invalid) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
@@ -300,10 +302,10 @@ def _deeper_than(data: Any, limit: int) -> bool:
 
 
 async def checked(model: type[BaseModel], data: dict[str, Any], context: dict[str, Any] | None = None) -> Any:
-    """`validated`, in the body thread for a body of many values (bodies.ManyValues): pydantic-core holds the GIL
+    """`validated`, in the body thread for a body of many values (bodies.Large.many): pydantic-core holds the GIL
     per call but calls back into the Python validators of every message and part, where the GIL changes hands,
     so the loop waits milliseconds instead of the 0.3-0.5 s 60,000 parts take."""
-    if type(data) is ManyValues:
+    if type(data) is Large and data.many:
         return await Bodies.run(validated, model, data, context)
     return validated(model, data, context)
 

@@ -113,7 +113,7 @@ class Engine(ABC):
                 return Listing(True, frozenset())
         return Listing(False)
 
-    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes,
+    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes | aiohttp.Payload,
                    total: bool = False) -> aiohttp.ClientResponse:
         """POST to the first reachable URL and return the unread response, status checked.
 
@@ -123,7 +123,8 @@ class Engine(ABC):
         """
         last: Exception | None = None
         headers = request_headers(obs) if self.forwards_request_id else None
-        data = aiohttp.BytesPayload(payload, content_type=JSON)  # (no payload registry lookup, no header merge)
+        # (no payload registry lookup, no header merge; a large body comes as pieces: vilms.serve.large.Pieces)
+        data = payload if isinstance(payload, aiohttp.Payload) else aiohttp.BytesPayload(payload, content_type=JSON)
         timing: dict[str, aiohttp.ClientTimeout] = {"timeout": self.exchange} if total else {}
         started = time.monotonic()
         for base in urls:

@@ -13,6 +13,7 @@ from vilms.errors import BackendError, GatewayError
 from vilms.serve.departure import LeaveWatch
 from vilms.serve.observe import Observation
 from vilms.config.routing import Route
+from vilms.serve.large import forwarded
 from vilms.serve.engines.base import ChatCall, EmbedResult, Engine, ErrorEvents
 
 SSE_RAW_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -90,7 +91,7 @@ class OpenAICompatEngine(Engine):
 
     async def forward(self, call: ChatCall, path: str) -> Response:
         """POST the body to the engine's own `path` (chat, responses, completions, rerank) and relay the answer."""
-        payload = orjson.dumps(call.body)
+        payload = await forwarded(call.body)  # a large body: serialised in the body thread, in short calls
         urls = call.route.base_urls
         if not call.stream:
             body = await self.post_json(call.obs, urls, path, payload)

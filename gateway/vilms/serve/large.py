@@ -1,0 +1,146 @@
+"""A large body as the gateway holds it after parsing (`Large`), the one thread that works on such bodies
+(`Bodies`), and its serialisation for the engine in short calls, sent as pieces (`forwarded`). The parsing side is
+vilms.serve.api.bodies; this module is apart so that engine adapters can use it without importing the API.
+
+Why short calls: orjson.dumps holds the GIL for a whole call, 45-50 ms for a forwarded 64 MiB body, on the event
+loop where the engine adapter ran it; from a worker thread it stalls the loop as long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import aiohttp
+import orjson
+
+PIECE = 1 << 19  # bytes of JSON one orjson.dumps call makes (about: sized from the previous call's output)
+RUN = 64  # list elements freed per call by `discard` (a chat message of ten 1 KiB parts: ~10 µs each)
+T = TypeVar("T")
+
+
+class Large(dict):
+    """A body that took the large road. `many`: it holds more than MANY values, so its request model is validated
+    off the loop too (`Bodies.run`). `texts`: message texts kept as the client's own JSON string literals, never
+    made Python strings (placeholder -> (opening, closing) quote positions in `raw`): the body holds a short
+    placeholder string there (which passes the `str` those fields are), and `serialised` puts the literal back."""
+
+    many: bool = False
+    raw: bytes = b""
+    nonce: str = ""
+    texts: dict[str, tuple[int, int]] = {}
+
+
+class Bodies:
+    """The one thread that parses, validates and serialises large bodies (module-wide: every app in a process
+    shares it)."""
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vilms-body")
+
+    @classmethod
+    async def run(cls, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(cls.executor, _uncollected, fn, *args)
+
+
+def _uncollected(fn: Callable[..., T], *args: Any) -> T:
+    """`fn` with the cyclic collector paused, and what it made frozen after (gc.freeze: never walked, still freed
+    when unreferenced). Why: a 64 MiB body of ~200,000 values makes ~150,000 containers (and validation as many
+    models); a full collection triggered among them walked them all in one piece, 58-103 ms of GIL. Requests make
+    no reference cycles (vilms.serve.heap), so nothing is lost that the collector would have freed."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def discard(*holders: Any) -> None:
+    """Empty the long lists these hold (a body's members, a model's fields) in the body thread, RUN elements per
+    call. Why: the last reference to a parsed 64 MiB body of ~200,000 values (or to its validated model) dropped
+    on the event loop frees it all in one C call there, 50-60 ms each; the caller must not read them after."""
+    lists = [value for holder in holders for value in (holder if isinstance(holder, dict) else vars(holder)).values()
+             if isinstance(value, list) and len(value) > RUN]
+    if lists:
+        Bodies.executor.submit(_uncollected, _emptied, lists)
+
+
+def _emptied(lists: list[list[Any]]) -> None:
+    for items in lists:
+        while items:
+            del items[-RUN:]
+
+
+async def forwarded(body: dict[str, Any]) -> bytes | Pieces:
+    """The body as JSON for the engine: orjson on the loop for a usual body; a large one in the body thread, in
+    short calls, and sent as the pieces it was made of (`serialised`)."""
+    if type(body) is not Large:
+        return orjson.dumps(body)
+    return Pieces(await Bodies.run(serialised, body))
+
+
+class Pieces(aiohttp.Payload):
+    """A request body sent as the list of bytes-like pieces it was made of, one transport write each.
+
+    Why not one bytes object: on Python < 3.12.9 aiohttp joins the request head and a bytes body into one buffer
+    before writing (a 64 MiB copy on the event loop, 13-40 ms; eight forwarded at once stalled it ~250-300 ms);
+    a first piece of one byte makes that join trivial, and a transport write queues the rest without copying."""
+
+    def __init__(self, pieces: list[bytes | memoryview]):
+        super().__init__(pieces, content_type="application/json")
+        self._size = sum(len(piece) for piece in pieces)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._value).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        for piece in self._value:
+            await writer.write(piece)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        await self.write(writer)  # the length declared is this payload's own size
+
+
+def serialised(body: Large) -> list[bytes | memoryview]:
+    """orjson.dumps(body) as pieces: each top-level list in runs of elements of about PIECE bytes, each kept text
+    the client's literal itself (a view of the body it came in: never copied)."""
+    pieces: list[bytes | memoryview] = [b"{"]
+    for i, (key, value) in enumerate(body.items()):
+        pieces += [b"," if i else b"", orjson.dumps(key), b":"]
+        if isinstance(value, list) and len(value) > 1:
+            _list_pieces(value, pieces)
+        else:
+            pieces.append(orjson.dumps(value))
+    pieces.append(b"}")
+    pieces = [piece for piece in pieces if piece]
+    return _spliced(pieces, body) if body.texts else pieces
+
+
+def _list_pieces(items: list[Any], pieces: list[bytes]) -> None:
+    """A list's JSON in orjson calls over runs of elements sized from the bytes the previous run made."""
+    pieces.append(b"[")
+    at, run = 0, 16
+    while at < len(items):
+        part = orjson.dumps(items[at:at + run])
+        pieces += [b"," if at else b"", part[1:-1]]
+        at += run
+        run = max(1, min(4 * run, run * PIECE // len(part)))
+    pieces.append(b"]")
+
+
+def _spliced(pieces: list[bytes | memoryview], body: Large) -> list[bytes | memoryview]:
+    """`pieces` with every kept text's placeholder literal replaced by the client's literal."""
+    found = re.compile(rb'"\\u001fvilms:(\d+):' + body.nonce.encode() + rb'"')
+    raw, out = memoryview(body.raw), []
+    for piece in pieces:
+        cut = found.split(piece)
+        out.append(cut[0])
+        for index, rest in zip(cut[1::2], cut[2::2]):
+            opening, closing = body.texts[f"\x1fvilms:{int(index)}:{body.nonce}"]
+            out += [raw[opening:closing + 1], rest]
+    return [piece for piece in out if len(piece)]  # (the first stays b"{": aiohttp joins the head to it)
