@@ -62,6 +62,31 @@ def test_refused_exactly_where_orjson_refuses(text, at, byte):
         assert outcome(lambda t: split_loads(t, piece), mutated) == expected, (mutated, piece)
 
 
+FOOLING = st.lists(st.sampled_from(['{"k"', ', {"k"', ',{"k":', '"', '\\', "]", "}", "x"]), max_size=6).map("".join)
+
+
+@st.composite
+def messages_texts(draw) -> bytes:
+    """Arrays of objects that all begin with the same key (the guessed cuts' case), with that key's bytes inside
+    strings (escaped there, so never a cut) and opening nested objects (a wrong cut: orjson refuses the run)."""
+    nested = st.lists(st.fixed_dictionaries({"k": FOOLING}), max_size=3)  # the first key's bytes one level down
+    items = draw(st.lists(st.fixed_dictionaries({"k": FOOLING}, optional={"v": VALUES | nested}), min_size=1,
+                          max_size=30))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (",\n ", ":")]))
+    return json.dumps({"m": items}, separators=separators, ensure_ascii=False).encode()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages_texts(), st.integers(0, 10_000), st.sampled_from(list(b',:[]{}" \\') + [None]))
+def test_guessed_cuts_are_exact_or_dropped(text, at, byte):
+    at %= len(text) + 1
+    mutated = text[:at] + (b"" if byte is None else bytes([byte])) + text[at + (byte is None):]
+    for candidate in (text, mutated):
+        expected = outcome(orjson.loads, candidate)
+        for piece in (16, 40, 97):
+            assert outcome(lambda t: split_loads(t, piece), candidate) == expected, (candidate, piece)
+
+
 @pytest.mark.parametrize("text", [
     b'{"a": 1, "b": [1, 2], "a": {"x": 1}}',  # a duplicate key: the last value, in the first key's place
     b'{"a": [], "b": {}, "c": [[], [{}]], "d": ""}',

@@ -4,16 +4,18 @@ of whole elements (or members) of at most PIECE bytes each, so that no call hold
 Why: orjson holds the GIL for a whole call, and a 64 MiB body of ~200,000 short values (nothing long enough to lift
 out, vilms.serve.api.bodies) takes it 110-390 ms; from the body thread that stalls the event loop as long.
 
-How the runs are found: one regular expression (`_RUN`, possessive, so sre never backtracks) matches as many
-complete "value ," units of a container as fit in a window, strings and containers nested up to NEST levels
-included; sre walks string content at memchr-like speed, and Python runs once per window, not per value. A value
-that does not fit (bigger than a window, or nested deeper) is a container that is split the same way, one level down.
+How the runs are found: in an array of objects (chat messages, tools), a guess first: the last comma in the
+window's second half that the bytes the array's first element began with (`{"role"`) follow, found by bytes.rfind.
+Otherwise, or once a guess failed to parse, one regular expression (`_RUN`, possessive, so sre never backtracks)
+matches as many complete "value ," units as fit in a window, strings and containers nested up to NEST levels
+included; sre walks string content at ~150 MB/s, and Python runs once per window, not per value. A value that does
+not fit (bigger than a window, or nested deeper) is a container split the same way, one level down.
 
 Why the result is exact: a run is handed to orjson as `[run]` (or `{run}`); the text is the concatenation of the runs
 and their separators, and JSON's grammar is unambiguous, so when every run parses, the whole text is valid and its
-value is the runs' values put together (keys: later duplicates win, in first-seen order, as in orjson). Where a run
-fails to parse, the text is invalid (the runs are cut at real element boundaries: strings are matched exactly) and
-the answer is orjson's own error.
+value is the runs' values put together (keys: later duplicates win, in first-seen order, as in orjson), however the
+cuts were found. A guessed run that fails is dropped for the exact runs; an exact run that fails means the text is
+invalid (its cuts are real element boundaries: strings are matched exactly), and orjson's error is the answer.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ _RUN = {b"[": re.compile(rb'(?:' + _ITEM + rb',)*+'), b"{": re.compile(rb'(?:' +
 _LAST = {b"[": re.compile(_ITEM + rb'\]'), b"{": re.compile(_MEMBER + rb'\}')}
 _KEY = re.compile(_WS + rb'(' + _STR + rb')' + _WS + rb':' + _WS)
 _SPACE = re.compile(_WS)
+_HEAD = re.compile(rb'\{' + _WS + _STR)  # an array's first element, if an object: its opening and first key
 _SCALAR_AT = re.compile(rb'(?:' + _STR + rb'|' + _SCALAR + rb')')
 
 
@@ -91,7 +94,17 @@ def _container(text: bytes, at: int, depth: int) -> tuple[Any, int]:
     gap = _SPACE.match(text, pos).end()
     if text[gap:gap + 1] == close:  # [] or {}
         return value, gap + 1
+    head = _HEAD.match(text, gap) if kind == b"[" else None
     while True:
+        if head and n - pos > PIECE:
+            cut = _guess(text, pos, head.group())
+            if cut > pos:
+                try:
+                    value.extend(orjson.loads(b"[" + text[pos:cut] + b"]"))
+                    pos = cut + 1
+                    continue
+                except orjson.JSONDecodeError:
+                    head = None  # a wrong guess (or an invalid text): the exact runs from here on
         window = min(n, pos + PIECE)
         end = run.match(text, pos, window).end()
         if end > pos:  # whole "element," units: one call
@@ -110,6 +123,19 @@ def _container(text: bytes, at: int, depth: int) -> tuple[Any, int]:
         if text[gap:gap + 1] != b",":
             raise Invalid("expected ',' or '%s'" % close.decode(), gap)
         pos = gap + 1
+
+
+def _guess(text: bytes, pos: int, head: bytes) -> int:
+    """A comma that likely ends a run of whole elements, found at memchr speed: the last one in the second half of
+    the window that precedes the bytes the array's first element began with (a chat message's `{"role"`); -1 if
+    none. Only a guess: the run is taken only if orjson parses it (see the module docstring)."""
+    at = text.rfind(head, pos + PIECE // 2, pos + PIECE)
+    if at < 0:
+        return -1
+    cut = at - 1
+    while cut > pos and text[cut] in b" \t\n\r":
+        cut -= 1
+    return cut if text[cut] == 0x2C else -1
 
 
 def _one(text: bytes, pos: int, depth: int, kind: bytes, value: Any) -> int:
