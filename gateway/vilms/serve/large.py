@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 import aiohttp
 import orjson
 
-PIECE = 1 << 19  # bytes of JSON one orjson.dumps call makes (about: sized from the previous call's output)
+PIECE = 1 << 18  # bytes of JSON one orjson.dumps call makes (about: sized from the previous call's output)
 RUN = 64  # list elements freed per call by `discard` (a chat message of ten 1 KiB parts: ~10 µs each)
 T = TypeVar("T")
 

@@ -280,12 +280,20 @@ def _loads(raw: bytes, parse: Callable[[bytes], Any] = orjson.loads) -> dict[str
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
+    if _brackets(raw) > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
         raise BadRequest(f"request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
     return data
 
 
 MAX_DEPTH = 128  # orjson writes at most 255 levels: a deeper body parsed, then failed (500) when forwarded
+
+
+def _brackets(raw: bytes, step: int = 1 << 20) -> int:
+    """Opening brackets in `raw`, counted a mebibyte per call past the first (a count over a 64 MiB skeleton held
+    the GIL 10-20 ms in the body thread)."""
+    if len(raw) <= step:
+        return raw.count(b"[") + raw.count(b"{")
+    return sum(raw.count(b"[", i, i + step) + raw.count(b"{", i, i + step) for i in range(0, len(raw), step))
 
 
 def _deeper_than(data: Any, limit: int) -> bool:
