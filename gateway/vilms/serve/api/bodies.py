@@ -1,12 +1,15 @@
 """The large-body road: a body of a mebibyte or more (or of many JSON values) is parsed off the event loop, in calls
-that stay short where a body's size lies in long strings (the loop then waits milliseconds for the GIL, not the
-whole parse). A body of ~200,000 short values is still one orjson call: nothing in it is long enough to lift.
+that stay short (the loop then waits milliseconds for the GIL, not the whole parse).
 
 Why in pieces and not just in a thread: orjson, pydantic-core and binascii hold the GIL for a whole call, so one
-orjson.loads of a 64 MiB body (90-330 ms on the 2-core VM) stalls the loop as long from a worker thread as on the
+orjson.loads of a 64 MiB body (90-390 ms on the 2-core VM) stalls the loop as long from a worker thread as on the
 loop itself. So the parser first lifts every long string literal (image data URLs, huge texts) out of the body,
-parses the small skeleton left, and turns each long string into its value in windows of WINDOW bytes, one short
-orjson call each. One thread does this for every large body (`Bodies`): one more GIL holder, never one per request.
+parses the skeleton left in runs of whole elements (vilms.serve.api.jsonsplit: a body of ~200,000 short values is
+~250 orjson calls), and turns each long string into its value in windows of WINDOW bytes, one short orjson call
+each. A chat message's text is only checked that way, never made a Python string: the body keeps a placeholder
+there and the client's literal is put back when the body is forwarded (vilms.serve.large: a 64 MiB text with CJK
+was one ~90 MB join, 84-107 ms of GIL). One thread does this for every large body (`Bodies`): one more GIL holder,
+never one per request.
 
 Finding the long strings without tokenising the whole body: it is cut into stretches of LONG // 2 bytes; a stretch
 whose every `"` is escaped (as many `"` as `\\"`) and that holds a byte JSON allows only inside strings (a letter

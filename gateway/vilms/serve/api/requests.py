@@ -249,7 +249,14 @@ async def read_body(request: Any, limit: int, hold: BodyHold, timeout: float) ->
         return chunks[0]
     if size < LARGE:
         return b"".join(chunks)
-    return await Bodies.run(b"".join, chunks)  # a join this big drops the GIL; one thread: never 8 memcpys at once
+    return await Bodies.run(_joined, chunks)  # a join this big drops the GIL; one thread: never 8 memcpys at once
+
+
+def _joined(chunks: list[bytes]) -> bytes:
+    """The chunks joined, and freed here in the body thread (a thousand 64 KiB chunks freed on the loop: ~5 ms)."""
+    joined = b"".join(chunks)
+    chunks.clear()
+    return joined
 
 
 async def parse_body(raw: bytes, max_nodes: int | None, texts: bool = False) -> dict[str, Any]:
