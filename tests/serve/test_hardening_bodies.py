@@ -256,3 +256,18 @@ def test_a_large_body_is_serialised_in_short_calls_and_sent_as_pieces(monkeypatc
     assert isinstance(payload, large.Pieces) and payload.size == len(b"".join(payload._value))
     assert orjson.loads(b"".join(payload._value)) == orjson.loads(raw)
     assert len(raw) > 2**20 and max(sizes) <= 2 * large.PIECE
+
+
+def test_a_body_of_many_values_is_never_one_long_orjson_call(monkeypatch):
+    """~130,000 short values in 4 MiB (nothing long enough to lift): the old road parsed the whole skeleton in one
+    orjson call (390 ms at 64 MiB, holding the GIL); no call may now see more than a mebibyte."""
+    from vilms.serve.api.bodies import parse_large
+    from vilms.serve.api.requests import _loads
+
+    message = {"role": "user", "content": [{"type": "text", "text": "lorem ipsum " * 8}] * 4}
+    raw = orjson.dumps({"model": "m", "messages": [message] * 8500})
+    sizes: list[int] = []
+    real = orjson.loads
+    monkeypatch.setattr(orjson, "loads", lambda text: sizes.append(len(text)) or real(text))
+    assert parse_large(raw, None, _loads) == real(raw)
+    assert len(raw) > 4 * 2**20 and max(sizes) < 2**20
