@@ -271,3 +271,22 @@ def test_a_body_of_many_values_is_never_one_long_orjson_call(monkeypatch):
     monkeypatch.setattr(orjson, "loads", lambda text: sizes.append(len(text)) or real(text))
     assert parse_large(raw, None, _loads) == real(raw)
     assert len(raw) > 4 * 2**20 and max(sizes) < 2**20
+
+
+@pytest.mark.parametrize("broken", [b'}, ]}', b'} {"role"', b'}]]}', b'}, {"role": "user", "content": "x"]}'])
+def test_an_invalid_body_of_many_values_is_a_400(monkeypatch, broken):
+    """A trailing comma, a missing comma, a mismatched bracket, an unclosed object at the end of ~1,000 messages,
+    cut in runs of 64 bytes (guessed and exact cuts both meet the fault): 400 invalid_json, as orjson refuses it."""
+    from vilms.errors import BadRequest
+    from vilms.serve.api import jsonsplit
+    from vilms.serve.api.bodies import parse_large
+    from vilms.serve.api.requests import _loads
+
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi %d" % i} for i in range(1000)]})
+    raw = raw[:-3] + broken
+    monkeypatch.setattr(jsonsplit, "PIECE", 64)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(raw)
+    with pytest.raises(BadRequest) as refused:
+        parse_large(raw, None, _loads)
+    assert refused.value.code == "invalid_json"
