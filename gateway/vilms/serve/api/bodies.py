@@ -64,11 +64,13 @@ def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[..., dict[str
     spans = long_strings(raw)
     nonce = secrets.token_hex(8)
     skeleton = lifted(raw, spans, nonce)
-    nodes = sum(json_nodes(skeleton, i, i + COUNTED) for i in range(0, len(skeleton), COUNTED))
+    steps = range(0, len(skeleton), COUNTED)
+    openings = sum(skeleton.count(b"{", i, i + COUNTED) + skeleton.count(b"[", i, i + COUNTED) for i in steps)
+    nodes = openings + sum(skeleton.count(b",", i, i + COUNTED) for i in steps)  # as json_nodes counts
     if max_nodes is not None and nodes > max_nodes:
         raise BadRequest(f"request body holds more than {max_nodes} JSON values (gateway.max-json-nodes)",
                          code="too_many_json_values")
-    body = Large(loads(skeleton, jsonsplit.loads))
+    body = Large(loads(skeleton, jsonsplit.loads, openings))
     body.many, body.nonce = nodes > MANY, nonce
     if spans:
         places = {f"\x1fvilms:{i}:{nonce}": span for i, span in enumerate(spans)}

@@ -278,16 +278,16 @@ def parse_json(raw: bytes, max_nodes: int | None = None) -> dict[str, Any]:
     return _loads(raw)
 
 
-def _loads(raw: bytes, parse: Callable[[bytes], Any] = orjson.loads) -> dict[str, Any]:
+def _loads(raw: bytes, parse: Callable[[bytes], Any] = orjson.loads, brackets: int | None = None) -> dict[str, Any]:
     """orjson (or `parse`: the same value in pieces), then the checks on what it returned (an object, not nested
-    too deep)."""
+    too deep; `brackets`: the opening brackets in `raw`, when the caller counted them already)."""
     try:
         data = parse(raw)
     except (orjson.JSONDecodeError, Invalid) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
-    if _brackets(raw) > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
+    if (_brackets(raw) if brackets is None else brackets) > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
         raise BadRequest(f"request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
     return data
 
