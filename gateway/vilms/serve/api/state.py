@@ -7,16 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from vilms.config.model import Config
 from vilms.serve.embeddings.build import Embedder, batch_settings, build_embedders
 from vilms.serve.engines import Engine, build_engines
 from vilms.serve.fetch import ImageFetcher
-from vilms.serve.http import make_session
 from vilms.serve.media import ImageLimits
 from vilms.config.params import request_defaults
 from vilms.serve.rerank import LocalReranker
+from vilms.serve.upstream import Upstream, make_upstream
 from vilms.config.routing import Router
 from vilms.config.weights import runtime_source
 from vilms.serve.api.readiness import model_report
@@ -42,7 +40,7 @@ class GatewayState:
     embedders: dict[str, Embedder]
     extras: dict[str, RouteExtras]
     started: int = field(default_factory=lambda: int(time.time()))
-    session: aiohttp.ClientSession | None = None
+    upstream: Upstream | None = None  # the engines' client
     engines: dict[str, Engine] = field(default_factory=dict)
     embed_errors: dict[str, str] = field(default_factory=dict)  # eager loads that failed: readiness says "failed"
     rerankers: dict[str, LocalReranker] = field(default_factory=dict)
@@ -75,11 +73,11 @@ class GatewayState:
         return cls(config, router, ImageFetcher(media), build_embedders(config, router), extras, rerankers=rerankers)
 
     async def start(self) -> None:
-        # aiohttp sessions belong to the event loop they were made in: create it here, in the server's loop.
-        self.session = make_session(self.config.gateway)
+        # the engines' client belongs to the event loop it was made in: create it here, in the server's loop.
+        self.upstream = make_upstream(self.config.gateway)
         gw = self.config.gateway
-        self.engines.update(build_engines(self.session, gw["total-timeout"], gw["max-reply-bytes"],
-                                          gw["max-reply-line-bytes"]))
+        self.engines.update(build_engines(self.upstream, gw["total-timeout"], gw["max-reply-bytes"],
+                                          gw["max-reply-line-bytes"], gw["stream-timeout"]))
         if self.config.embedding["load"] == "eager":
             for reranker in self.rerankers.values():  # local rerankers follow embedding.load too
                 try:
@@ -100,12 +98,12 @@ class GatewayState:
         for reranker in self.rerankers.values():
             await reranker.aclose()
         await self.fetcher.aclose()
-        if self.session is not None:
-            await self.session.close()
+        if self.upstream is not None:
+            await self.upstream.close()
 
     async def readiness(self) -> dict[str, Any]:
         """Every configured model with its state; "ready" only when all are (see api/readiness.py)."""
-        assert self.session is not None, "readiness is served only after start()"
+        assert self.upstream is not None, "readiness is served only after start()"
         return await model_report(self.router, self.engines, self.local_runners(), self.embed_errors)
 
     def local_runners(self) -> dict[str, Any]:

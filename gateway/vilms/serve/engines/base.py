@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import re
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 
 from vilms.errors import BackendError, BackendTimeout, BackendUnavailable, GatewayError, from_backend_status, scrub
 from vilms.serve.observe import Observation
 from vilms.config.routing import Route
+from vilms.serve.upstream import (ConnectFailed, DeadlineExceeded, HeadTimeout, Reply, Upstream, UpstreamError,
+                                  UpstreamTimeout)
 
 log = logging.getLogger("vilms.gateway")
 PROBE_TIMEOUT = 2.0
-STREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+STREAM_ERRORS = (UpstreamError, TimeoutError)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 JSON = "application/json"
 MAX_REPLY_BYTES = 268435456  # gateway.max-reply-bytes
@@ -60,12 +60,11 @@ class Engine(ABC):
     kind: str = "?"
     forwards_request_id: bool = True  # x-request-id to the engine (some OpenAI-compatible servers reject non-UUIDs)
 
-    def __init__(self, session: aiohttp.ClientSession, total_timeout: float,
-                 max_reply: int = MAX_REPLY_BYTES, max_line: int = MAX_LINE_BYTES):
-        self.session = session
-        self.total_timeout = total_timeout
+    def __init__(self, upstream: Upstream, total_timeout: float, max_reply: int = MAX_REPLY_BYTES,
+                 max_line: int = MAX_LINE_BYTES, stream_timeout: float = math.inf):
+        self.upstream = upstream
+        self.total_timeout, self.stream_timeout = total_timeout, stream_timeout  # gateway.total-, stream-timeout
         self.max_reply, self.max_line = max_reply, max_line  # gateway.max-reply-bytes, max-reply-line-bytes
-        self.exchange = exchange_timeout(session.timeout, total_timeout)  # a non-streaming call's aiohttp timeouts
 
     @abstractmethod
     async def chat(self, call: ChatCall) -> Response: ...
@@ -98,14 +97,15 @@ class Engine(ABC):
         """What the first URL that answers lists; readiness judges each model by it."""
         for url in urls:
             try:
-                async with self.session.get(url + self.list_path,
-                                            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as response:
+                response = await self.upstream.request(url, self.list_path,
+                                                       deadline=self.upstream.loop.time() + PROBE_TIMEOUT)
+                if response.status != 200 or not self.lists_names:
+                    response.close()
                     if response.status != 200:
                         continue
-                    if not self.lists_names:
-                        return Listing(True)
-                    data = await response.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                    return Listing(True)
+                data = orjson.loads(await response.read(self.max_reply))
+            except (UpstreamError, ValueError):
                 continue
             try:
                 return Listing(True, self.listed(data))
@@ -113,52 +113,53 @@ class Engine(ABC):
                 return Listing(True, frozenset())
         return Listing(False)
 
-    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes | aiohttp.Payload,
-                   total: bool = False) -> aiohttp.ClientResponse:
+    async def open(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes,
+                   total: bool = False) -> Reply:
         """POST to the first reachable URL and return the unread response, status checked.
 
         Fails over only on connection errors: once a backend has taken the request's bytes
         it is never re-sent elsewhere (it may already be generating). With `total`, the whole exchange (every
-        attempt, the reply read after) is bounded by total_timeout on aiohttp's own per-request timer (post_json).
+        attempt, the reply read after) is bounded by total_timeout, a deadline the exchange's one timer judges;
+        otherwise (a stream) by stream_timeout, and its head by total_timeout (HeadTimeout, open_with_deadline).
         """
         last: Exception | None = None
-        headers = request_headers(obs) if self.forwards_request_id else None
-        # (no payload registry lookup, no header merge; a large body comes as pieces: vilms.serve.large.Pieces)
-        data = payload if isinstance(payload, aiohttp.Payload) else aiohttp.BytesPayload(payload, content_type=JSON)
-        timing: dict[str, aiohttp.ClientTimeout] = {"timeout": self.exchange} if total else {}
-        started = time.monotonic()
+        request_id = obs.request_id if self.forwards_request_id and obs.request_id != "-" else None
+        now = self.upstream.loop.time()
+        if total:
+            deadline, head_deadline = now + self.total_timeout, math.inf
+        else:
+            deadline, head_deadline = now + self.stream_timeout, now + self.total_timeout
         for base in urls:
-            if last is not None and total:  # a later attempt gets what the failed connects left
-                timing["timeout"] = exchange_timeout(self.exchange, self.total_timeout - (time.monotonic() - started))
             try:
-                response = await self.session.post(base + path, data=data, headers=headers, **timing)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                response = await self.upstream.request(base, path, payload, request_id=request_id,
+                                                       deadline=deadline, head_deadline=head_deadline)
+            except ConnectFailed as exc:
                 last = exc
-                if total and time.monotonic() - started >= self.total_timeout:
-                    break  # (aiohttp reports its total timer firing during a connect as a connect timeout)
                 continue
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except HeadTimeout:
+                raise
+            except UpstreamError as exc:
                 raise self._failure(obs, exc, total) from exc
             if response.status >= 400:
                 body = await self._read(obs, response, ERROR_BODY_BYTES, truncate=True, total=total)
                 obs.upstream_error("status")
                 raise from_backend_status(response.status, body, self.kind)
             return response
-        if total and time.monotonic() - started >= self.total_timeout:
+        if total and self.upstream.loop.time() >= deadline:
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not finish within {self.total_timeout:g}s") from last
         obs.upstream_error("connect")
         raise BackendUnavailable(f"{self.kind} engine is unreachable ({len(urls)} endpoint(s) tried)",
                                  code="engine_unreachable") from last
 
-    async def _read(self, obs: Observation, response: aiohttp.ClientResponse, limit: int | None = None,
+    async def _read(self, obs: Observation, response: Reply, limit: int | None = None,
                     truncate: bool = False, total: bool = False) -> bytes:
         """The whole reply, at most `limit` bytes (default max_reply) after decompression: a larger one is a 502
-        (or, for error texts, cut). aiohttp inflates in bounded steps, so a gzip bomb stops at the limit."""
+        (or, for error texts, cut). The reply inflates in bounded steps, so a gzip bomb stops at the limit."""
         limit = self.max_reply if limit is None else limit
         chunks, size, complete = [], 0, False
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response:
                 size += len(chunk)
                 if size > limit:
                     if truncate:
@@ -170,7 +171,7 @@ class Engine(ABC):
                 chunks.append(chunk)
             else:
                 complete = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             raise self._failure(obs, exc, total) from exc
         finally:
             if complete:
@@ -180,18 +181,18 @@ class Engine(ABC):
         return b"".join(chunks)
 
     def _failure(self, obs: Observation, exc: BaseException, total: bool = False) -> GatewayError:
-        """An aiohttp failure after the connection was made: 504 when the engine went silent (or, with `total`, the
-        exchange outlived total_timeout: aiohttp's total timer raises a bare TimeoutError), else 502."""
-        if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+        """An upstream failure after the connection was made: 504 when the engine went silent (or, with `total`,
+        the exchange outlived total_timeout), else 502."""
+        if isinstance(exc, (UpstreamTimeout, TimeoutError)):
             obs.upstream_error("timeout")
-            if total and not isinstance(exc, aiohttp.ServerTimeoutError):
+            if total and isinstance(exc, DeadlineExceeded):
                 return BackendTimeout(f"{self.kind} engine did not finish within {self.total_timeout:g}s")
             return BackendTimeout(f"{self.kind} engine did not answer in time")
         obs.upstream_error("protocol")
         return GatewayError(f"{self.kind} engine connection failed: {type(exc).__name__}", status=502,
                             type="upstream_error")
 
-    async def relay(self, call: ChatCall, upstream: aiohttp.ClientResponse,
+    async def relay(self, call: ChatCall, upstream: Reply,
                     translate: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
         """Relay an engine's stream to the client as its bytes arrive, optionally translated chunk by chunk.
 
@@ -201,7 +202,7 @@ class Engine(ABC):
         """
         status, note, complete = 200, "", False
         try:
-            async for data in upstream.content.iter_any():
+            async for data in upstream:
                 out = translate(data) if translate is not None else data
                 if out:
                     call.obs.chunk()
@@ -240,17 +241,16 @@ class Engine(ABC):
     async def post_json(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> bytes:
         """Non-streaming POST under the total timeout; cancelling it closes the upstream connection.
 
-        The bound is aiohttp's own timer for the request (which it arms anyway), not a second asyncio.timeout
+        The bound is a deadline the exchange's one timer judges (vilms.serve.upstream_conn), not an asyncio.timeout
         around it: two timers per request were ~5% of a proxied chat's gateway CPU (cProfile, c=64)."""
         response = await self.open(obs, urls, path, payload, total=True)
         return await self._read(obs, response, total=True)
 
-    async def open_with_deadline(self, obs: Observation, urls: tuple[str, ...], path: str,
-                                 payload: bytes) -> aiohttp.ClientResponse:
+    async def open_with_deadline(self, obs: Observation, urls: tuple[str, ...], path: str, payload: bytes) -> Reply:
+        """A stream's open: its reply head must come within total_timeout (the exchange's own timer judges it)."""
         try:
-            async with asyncio.timeout(self.total_timeout):
-                return await self.open(obs, urls, path, payload)
-        except TimeoutError as exc:
+            return await self.open(obs, urls, path, payload)
+        except HeadTimeout as exc:
             obs.upstream_error("timeout")
             raise BackendTimeout(f"{self.kind} engine did not answer within {self.total_timeout:g}s") from exc
 
@@ -361,26 +361,12 @@ def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def request_headers(obs: Observation) -> dict[str, str] | None:
-    """The request's id, so engine logs can be joined to the gateway's ("-": no caller request); the content type
-    comes with the body."""
-    if obs.request_id and obs.request_id != "-":
-        return {"x-request-id": obs.request_id}
-    return None
-
-
-def exchange_timeout(session: aiohttp.ClientTimeout, total: float) -> aiohttp.ClientTimeout:
-    """The session's connect and read timeouts, with `total` for the whole exchange."""
-    return aiohttp.ClientTimeout(total=max(total, 0.001), connect=session.connect, sock_read=session.sock_read,
-                                 sock_connect=session.sock_connect, ceil_threshold=session.ceil_threshold)
-
-
 class ObservedStream(StreamingResponse):
     """A stream whose request is finished (and upstream closed) even if its body never started:
     a client that disconnects before the first byte left the generator unstarted, so its `finally`
     never ran and the running gauge and the backend slot leaked."""
 
-    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: aiohttp.ClientResponse):
+    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: Reply):
         super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
         self.obs, self.upstream = obs, upstream
 
@@ -394,14 +380,14 @@ class ObservedStream(StreamingResponse):
 
 
 def sse_response(body: AsyncIterator[bytes], call: ChatCall | None = None,
-                 upstream: aiohttp.ClientResponse | None = None) -> StreamingResponse:
+                 upstream: Reply | None = None) -> StreamingResponse:
     if call is None or upstream is None:
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     return ObservedStream(body, call.obs, upstream)
 
 
 def stream_failure(kind: str, exc: BaseException) -> GatewayError:
-    if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+    if isinstance(exc, (UpstreamTimeout, TimeoutError)):
         return BackendTimeout(f"{kind} engine stream timed out (silent for gateway.read-timeout, or longer than "
                               "gateway.stream-timeout)", code="stream_timeout")
     return GatewayError(f"{kind} engine stream broke: {type(exc).__name__}", status=502, type="upstream_error",

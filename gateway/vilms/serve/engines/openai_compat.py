@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -15,6 +14,7 @@ from vilms.serve.observe import Observation
 from vilms.config.routing import Route
 from vilms.serve.large import forwarded
 from vilms.serve.engines.base import ChatCall, EmbedResult, Engine, ErrorEvents
+from vilms.serve.upstream import Reply, Upstream
 
 SSE_RAW_HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-accel-buffering", b"no"))
@@ -43,7 +43,7 @@ class RelayStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: aiohttp.ClientResponse):
+    def __init__(self, body: AsyncIterator[bytes], obs: Observation, upstream: Reply):
         self.body_iterator, self.obs, self.upstream = body, obs, upstream
         self.status_code = 200
         self.background = None
@@ -76,8 +76,8 @@ class OpenAICompatEngine(Engine):
 
     kind = "openai"
 
-    def __init__(self, session: aiohttp.ClientSession, total_timeout: float, kind: str = "openai"):
-        super().__init__(session, total_timeout)
+    def __init__(self, upstream: Upstream, total_timeout: float, kind: str = "openai"):
+        super().__init__(upstream, total_timeout)
         self.kind = kind
         # vLLM logs the caller's x-request-id; a generic server may not take it (llama-cpp-python's answers a
         # non-UUID id with a bare 400), so only vLLM gets it.
