@@ -12,6 +12,7 @@ Clients, interleaved in every round so load drift hits all alike:
   and `_read` call it (BytesPayload, the exchange timeout, iter_any, release);
 - pyreqwest (Rust reqwest/hyper/tokio), aiosonic (pure Python, asyncio); niquests when `--niquests-path` names a
   `pip install --target` folder (it brings urllib3-future, which replaces urllib3 in an environment it joins);
+- upstream: the gateway's own client since issue #23 (vilms.serve.upstream), as engines/base.py calls it;
 - raw: a reference only, not a candidate: an asyncio Protocol over httptools' response parser with a keep-alive
   stack of connections, no timeouts, no checks: what the kernel and parsing alone cost.
 
@@ -45,20 +46,21 @@ CHAT = {"model": "mock", "max_tokens": 16, "messages": [{"role": "user", "conten
 PAYLOAD = json.dumps(CHAT).encode()
 PATH = "/v1/chat/completions"
 HEADERS = {"User-Agent": "vilms-gateway", "Accept-Encoding": "identity", "Content-Type": "application/json"}
-CLIENTS = ("aiohttp", "pyreqwest", "pyreqwest-stream", "aiosonic", "niquests", "raw")
+CLIENTS = ("aiohttp", "pyreqwest", "pyreqwest-stream", "aiosonic", "niquests", "raw", "upstream")
 
 Call = Callable[[], Awaitable[int]]  # one request: returns the reply's length (status checked inside)
 
 
 async def aiohttp_client(url: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
     import aiohttp
-    from vilms.serve.engines.base import exchange_timeout
     from vilms.serve.http import make_session
     from bench.relay_floor import gateway_settings
 
     settings = gateway_settings(url)
     session = make_session(settings)
-    timing = exchange_timeout(session.timeout, settings["total-timeout"])
+    base = session.timeout  # the exchange timeout engines/base.py built before issue #23's own client
+    timing = aiohttp.ClientTimeout(total=settings["total-timeout"], sock_read=base.sock_read,
+                                   sock_connect=base.sock_connect)
 
     async def call() -> int:
         data = aiohttp.BytesPayload(PAYLOAD, content_type="application/json")
@@ -179,6 +181,25 @@ class _RawConn(asyncio.Protocol):
             self.done.set_exception(ConnectionError("closed"))
 
 
+async def upstream_client(url: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """The gateway's own client since issue #23 (vilms.serve.upstream), called as engines/base.py `open` and
+    `_read` call it: a deadline per exchange, the reply read chunk by chunk, released."""
+    from vilms.serve.upstream import make_upstream
+    from bench.relay_floor import gateway_settings
+
+    settings = gateway_settings(url)
+    upstream = make_upstream(settings)
+    total = settings["total-timeout"]
+
+    async def call() -> int:
+        reply = await upstream.request(url, PATH, PAYLOAD, deadline=upstream.loop.time() + total)
+        assert reply.status == 200, reply.status
+        chunks = [chunk async for chunk in reply]
+        reply.release()
+        return len(b"".join(chunks))
+    return call, upstream.close
+
+
 async def raw_client(url: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
     pool = RawPool(url)
 
@@ -191,7 +212,7 @@ async def raw_client(url: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
 
 FACTORIES = {"aiohttp": aiohttp_client, "pyreqwest": pyreqwest_client, "aiosonic": aiosonic_client,
              "pyreqwest-stream": lambda url: pyreqwest_client(url, stream=True),
-             "niquests": niquests_client, "raw": raw_client}
+             "niquests": niquests_client, "raw": raw_client, "upstream": upstream_client}
 
 
 def cpu_now() -> float:
@@ -243,7 +264,7 @@ def measure(name: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 MODULES = {"aiohttp": "aiohttp", "pyreqwest": "pyreqwest", "pyreqwest-stream": "pyreqwest", "aiosonic": "aiosonic",
-           "raw": "httptools"}
+           "raw": "httptools", "upstream": "httptools"}
 
 
 def installed(names: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,45 @@ class RawRelay(Relay):
         await send({"type": "http.response.body", "body": data})
 
 
-CLIENTS = {"aiohttp": Relay, "pyreqwest": ReqwestRelay, "raw": RawRelay}
+class UpstreamRelay(Relay):
+    """The same relay over the gateway's own client since issue #23 (vilms.serve.upstream, the config's
+    settings): the floor under today's gateway. A stream (the body asks for one) is relayed chunk by chunk."""
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        from vilms.serve.upstream import make_upstream
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.upstream = make_upstream(gateway_settings(self.backend))
+                heap.settle()
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await self.upstream.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        answer = await self.upstream.request(self.backend, scope["path"], body)
+        if orjson.loads(body).get("stream"):
+            await send({"type": "http.response.start", "status": answer.status, "headers": SSE})
+            async for chunk in answer:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            answer.release()
+            await send({"type": "http.response.body", "body": b""})
+            return
+        data = b"".join([chunk async for chunk in answer])
+        answer.release()
+        await send({"type": "http.response.start", "status": answer.status,
+                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
+        await send({"type": "http.response.body", "body": data})
+
+
+CLIENTS = {"aiohttp": Relay, "pyreqwest": ReqwestRelay, "raw": RawRelay, "upstream": UpstreamRelay}
 
 
 def main() -> None:

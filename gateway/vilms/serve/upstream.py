@@ -157,10 +157,10 @@ class Upstream:
         finally:
             if taken:
                 pass
-            elif not turn.done():
-                self.waiters.remove(entry)
-            elif not turn.cancelled() and turn.exception() is None:
+            elif turn.done() and not turn.cancelled() and turn.exception() is None:
                 self.pass_on(turn.result())  # handed one, but this caller is gone: the next waiter takes it
+            elif entry in self.waiters:  # (cancelling the caller cancelled `turn` too)
+                self.waiters.remove(entry)
 
     def pass_on(self, conn: Conn | None) -> None:
         if conn is None:
@@ -197,6 +197,8 @@ class Upstream:
         conn.busy = False
         if self.closed:
             return self.drop(conn)
+        while self.waiters and self.waiters[0][1].done():
+            self.waiters.popleft()
         if self.waiters:
             key, turn = self.waiters[0]
             if key == conn.key:
