@@ -25,6 +25,7 @@ from vilms.serve.upstream_conn import (ConnectFailed, ConnectTimeout, Conn, Dead
 # request written into a connection the engine is closing fails (the stale retry below covers the rest of the race).
 IDLE_SECONDS = 4.0
 INF = math.inf
+ONE_WRITE_MAX = 65536  # bodies up to this are copied behind the head (one write); larger ones are written as they are
 _FIXED = b"User-Agent: vilms-gateway\r\nAccept-Encoding: identity\r\n"
 
 
@@ -63,15 +64,19 @@ class Target:
         return head
 
 
-def request_bytes(target: Target, method: bytes, path: str, body: bytes | None, request_id: str | None) -> bytes:
-    """Head and body as one buffer: one transport.write, one send() for the small bodies of nearly every call."""
+def request_bytes(target: Target, method: bytes, path: str, body: bytes | None,
+                  request_id: str | None) -> tuple[bytes, bytes]:
+    """The request as (head and body in one buffer, b"") for the small bodies of nearly every call: one
+    transport.write, one send(). A large body (images) is not copied into a new buffer: (head, body), two writes."""
     head = target.head(method, path)
     extra = b""
     if request_id and request_id.isascii() and request_id.isprintable():
         extra = b"x-request-id: %s\r\n" % request_id.encode()
     if body is None:
-        return head + extra + b"\r\n"
-    return b"%s%sContent-Length: %d\r\n\r\n%s" % (head, extra, len(body), body)
+        return head + extra + b"\r\n", b""
+    if len(body) > ONE_WRITE_MAX:
+        return b"%s%sContent-Length: %d\r\n\r\n" % (head, extra, len(body)), body
+    return b"%s%sContent-Length: %d\r\n\r\n%s" % (head, extra, len(body), body), b""
 
 
 class Upstream:
@@ -99,11 +104,11 @@ class Upstream:
         target = self.targets.get(base)
         if target is None:
             target = self.targets[base] = Target.parse(base)
-        data = request_bytes(target, b"GET" if body is None else b"POST", path, body, request_id)
+        data, rest = request_bytes(target, b"GET" if body is None else b"POST", path, body, request_id)
         key = (target.host, target.port)
         conn = await self.acquire(target, key, min(deadline, head_deadline), head_deadline < deadline)
         for attempt in (0, 1):
-            conn.send(data, deadline, head_deadline)
+            conn.send(data, rest, deadline, head_deadline)
             try:
                 await conn.head()
                 return Reply(conn)

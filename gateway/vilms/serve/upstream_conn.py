@@ -149,8 +149,9 @@ class Conn(asyncio.Protocol):
         self.wake()
 
     # --- the exchange ---------------------------------------------------------------------------------------------
-    def send(self, data: bytes, deadline: float, head_deadline: float) -> None:
-        """Write the whole request (head and body in one write) and arm the exchange's one timer."""
+    def send(self, data: bytes, rest: bytes, deadline: float, head_deadline: float) -> None:
+        """Write the whole request (head and body in one write; `rest`: a large body, written after) and arm the
+        exchange's one timer."""
         self.busy = True
         self.uses += 1
         self.reset(deadline, head_deadline)
@@ -158,6 +159,8 @@ class Conn(asyncio.Protocol):
             self.fail(Disconnected("engine closed the connection"))
             return
         self.transport.write(data)  # type: ignore[union-attr]
+        if rest:
+            self.transport.write(rest)  # type: ignore[union-attr]
         self.arm()
 
     def arm(self) -> None:
