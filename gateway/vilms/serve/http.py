@@ -1,4 +1,5 @@
-"""The one shared upstream HTTP client: an aiohttp session with a pool sized for fan-in.
+"""The aiohttp session the gateway called its engines with until issue #23 (now vilms.serve.upstream); kept as
+the bench's reference client (bench/relay_floor.py, bench/clients.py). An aiohttp session with a pool sized for fan-in.
 
 Measured on the 2-core bench machine (bench/README.md): httpx's pool did O(open connections) work per
 request (an expiry probe per idle connection) and, with FastAPI's middleware, held the gateway to 240 req/s
