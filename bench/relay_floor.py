@@ -7,6 +7,8 @@ gateway costs above this is its pipeline; this itself is uvicorn, aiohttp and th
 
 `--client pyreqwest` / `--server granian` (optional installs) and `--client raw` (bench/clients.py's httptools
 reference) put another client or server under the same relay: issue #23, bench/results/clients.md.
+`--client upstream` is the gateway's own engine client since then (vilms.serve.upstream): the floor under the gateway
+of today (bench/results/cost-upstream.md).
 
     python -m bench.relay_floor --backend http://127.0.0.1:9000 --port 8001 [--client aiohttp] [--server uvicorn]
 """
