@@ -14,7 +14,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-import aiohttp
 import orjson
 
 PIECE = 1 << 18  # bytes of JSON one orjson.dumps call makes (about: sized from the previous call's output)
@@ -76,34 +75,13 @@ def _emptied(lists: list[list[Any]]) -> None:
             del items[-RUN:]
 
 
-async def forwarded(body: dict[str, Any]) -> bytes | Pieces:
+async def forwarded(body: dict[str, Any]) -> bytes | list[bytes | memoryview]:
     """The body as JSON for the engine: orjson on the loop for a usual body; a large one in the body thread, in
-    short calls, and sent as the pieces it was made of (`serialised`)."""
+    short calls, and sent as the pieces it was made of (`serialised`), one transport write each: never joined into
+    one 64 MiB buffer on the event loop (vilms.serve.upstream writes the head, then the pieces)."""
     if type(body) is not Large:
         return orjson.dumps(body)
-    return Pieces(await Bodies.run(serialised, body))
-
-
-class Pieces(aiohttp.Payload):
-    """A request body sent as the list of bytes-like pieces it was made of, one transport write each.
-
-    Why not one bytes object: on Python < 3.12.9 aiohttp joins the request head and a bytes body into one buffer
-    before writing (a 64 MiB copy on the event loop, 13-40 ms; eight forwarded at once stalled it ~250-300 ms);
-    a first piece of one byte makes that join trivial, and a transport write queues the rest without copying."""
-
-    def __init__(self, pieces: list[bytes | memoryview]):
-        super().__init__(pieces, content_type="application/json")
-        self._size = sum(len(piece) for piece in pieces)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return b"".join(self._value).decode(encoding, errors)
-
-    async def write(self, writer: Any) -> None:
-        for piece in self._value:
-            await writer.write(piece)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        await self.write(writer)  # the length declared is this payload's own size
+    return await Bodies.run(serialised, body)
 
 
 def serialised(body: Large) -> list[bytes | memoryview]:
@@ -143,4 +121,4 @@ def _spliced(pieces: list[bytes | memoryview], body: Large) -> list[bytes | memo
         for index, rest in zip(cut[1::2], cut[2::2]):
             opening, closing = body.texts[f"\x1fvilms:{int(index)}:{body.nonce}"]
             out += [raw[opening:closing + 1], rest]
-    return [piece for piece in out if len(piece)]  # (the first stays b"{": aiohttp joins the head to it)
+    return [piece for piece in out if len(piece)]

@@ -25,6 +25,7 @@ from vilms.serve.upstream_conn import (ConnectFailed, ConnectTimeout, Conn, Dead
 # request written into a connection the engine is closing fails (the stale retry below covers the rest of the race).
 IDLE_SECONDS = 4.0
 INF = math.inf
+Body = bytes | list[bytes | memoryview]  # a request body: one buffer, or the pieces a large body was made of
 ONE_WRITE_MAX = 65536  # bodies up to this are copied behind the head (one write); larger ones are written as they are
 _FIXED = b"User-Agent: vilms-gateway\r\nAccept-Encoding: identity\r\n"
 
@@ -64,16 +65,19 @@ class Target:
         return head
 
 
-def request_bytes(target: Target, method: bytes, path: str, body: bytes | None,
-                  request_id: str | None) -> tuple[bytes, bytes]:
+def request_bytes(target: Target, method: bytes, path: str, body: Body | None,
+                  request_id: str | None) -> tuple[bytes, Body]:
     """The request as (head and body in one buffer, b"") for the small bodies of nearly every call: one
-    transport.write, one send(). A large body (images) is not copied into a new buffer: (head, body), two writes."""
+    transport.write, one send(). A large body (images) is not copied into a new buffer: (head, body), two writes;
+    nor is one in pieces (vilms.serve.large: a 64 MiB body serialised in short calls), a write per piece."""
     head = target.head(method, path)
     extra = b""
     if request_id and request_id.isascii() and request_id.isprintable():
         extra = b"x-request-id: %s\r\n" % request_id.encode()
     if body is None:
         return head + extra + b"\r\n", b""
+    if isinstance(body, list):
+        return b"%s%sContent-Length: %d\r\n\r\n" % (head, extra, sum(len(piece) for piece in body)), body
     if len(body) > ONE_WRITE_MAX:
         return b"%s%sContent-Length: %d\r\n\r\n" % (head, extra, len(body)), body
     return b"%s%sContent-Length: %d\r\n\r\n%s" % (head, extra, len(body), body), b""
@@ -94,7 +98,7 @@ class Upstream:
         self.sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
-    async def request(self, base: str, path: str, body: bytes | None = None, *, request_id: str | None = None,
+    async def request(self, base: str, path: str, body: Body | None = None, *, request_id: str | None = None,
                       deadline: float = INF, head_deadline: float = INF) -> Reply:
         """One exchange: POST `body` (GET when None) to base+path and return the reply once its head is read.
 

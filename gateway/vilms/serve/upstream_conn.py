@@ -149,7 +149,7 @@ class Conn(asyncio.Protocol):
         self.wake()
 
     # --- the exchange ---------------------------------------------------------------------------------------------
-    def send(self, data: bytes, rest: bytes, deadline: float, head_deadline: float) -> None:
+    def send(self, data: bytes, rest: bytes | list[bytes | memoryview], deadline: float, head_deadline: float) -> None:
         """Write the whole request (head and body in one write; `rest`: a large body, written after) and arm the
         exchange's one timer."""
         self.busy = True
@@ -159,7 +159,10 @@ class Conn(asyncio.Protocol):
             self.fail(Disconnected("engine closed the connection"))
             return
         self.transport.write(data)  # type: ignore[union-attr]
-        if rest:
+        if isinstance(rest, list):
+            for piece in rest:  # queued as they are (no join: vilms.serve.large)
+                self.transport.write(piece)  # type: ignore[union-attr]
+        elif rest:
             self.transport.write(rest)  # type: ignore[union-attr]
         self.arm()
 
