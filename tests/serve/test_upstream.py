@@ -18,7 +18,7 @@ import pytest
 from tests.support import mock_backend
 from vilms.serve.upstream import (ConnectFailed, ConnectTimeout, DeadlineExceeded, Disconnected, HeadTimeout,
                                   ProtocolError, SilenceTimeout, UnsupportedURL, Upstream)
-from vilms.serve.upstream_conn import INFLATE_STEP, PAUSE_ABOVE
+from vilms.serve.upstream_conn import INFLATE_STEP, MAX_HEAD, PAUSE_ABOVE
 
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 STREAM = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
@@ -347,6 +347,21 @@ def test_a_reply_that_does_not_inflate_is_a_protocol_error():
             with pytest.raises(ProtocolError):
                 await read_all(reply)
             reply.close()
+    run(main())
+
+
+def test_a_reply_head_that_never_ends_is_a_protocol_error_and_the_connection_closed():
+    """A misbehaving engine's endless header (the parser has no limit of its own): refused past MAX_HEAD bytes, not
+    parsed on; a head just under it is read as usual."""
+    endless = b"HTTP/1.1 200 OK\r\nx-junk: " + b"a" * (8 * MAX_HEAD)
+    long_ok = ok(b"{}", b"x-junk: %s\r\n" % (b"a" * (MAX_HEAD - 200)))
+
+    async def main() -> None:
+        async with Script(closes_on(1, endless)) as url:
+            with pytest.raises(ProtocolError, match="head is longer"):
+                await pool().request(url, "/a", b"{}")
+        async with Script(closes_on(1, long_ok)) as url:
+            assert await (await pool().request(url, "/a", b"{}")).read(100) == b"{}"
     run(main())
 
 

@@ -18,6 +18,7 @@ import httptools
 
 PAUSE_ABOVE = 262144  # buffered reply bytes before the socket stops being read (the reader is slower than the engine)
 INFLATE_STEP = 262144  # a compressed reply is inflated at most this much per read: a gzip bomb stays bounded
+MAX_HEAD = 65536  # bytes an engine's reply head may take (aiohttp's limits were 8 KiB a line): past it, ProtocolError
 INF = math.inf
 
 
@@ -82,7 +83,7 @@ class Conn(asyncio.Protocol):
         self.framed = self.headers_done = self.complete = self.paused = self.got_byte = False
         self.keep_alive = True
         self.chunks: list[bytes] = []
-        self.buffered = 0
+        self.buffered = self.head_bytes = 0
         self.exc: UpstreamError | None = None
         self.deadline, self.head_deadline = deadline, head_deadline
         self.last = self.loop.time()
@@ -102,6 +103,12 @@ class Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail(ProtocolError(f"unreadable reply: {exc}"))
             self.transport.close()  # type: ignore[union-attr]
+            return
+        if not self.headers_done:  # a head that never ends: httptools has no limit and slows down past ~32 MiB
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self.fail(ProtocolError(f"engine reply head is longer than {MAX_HEAD} bytes"))
+                self.transport.close()  # type: ignore[union-attr]
 
     def eof_received(self) -> None:
         return None  # close our side too: connection_lost follows
