@@ -152,10 +152,19 @@ def test_a_large_body_arrives_whole(pieces):
     assert got == [big]
 
 
-def test_only_plain_http_is_spoken():
+def test_http_and_https_only_and_credentials_in_the_url_sent_as_basic_auth():
+    """ftp:// is refused; https:// is spoken as TLS (against a plain-HTTP server the handshake fails: a connect
+    failure, the next URL may be tried); user:password in the URL becomes Basic authorization, as aiohttp sent it."""
     async def main() -> None:
-        with pytest.raises(UnsupportedURL, match="http:// only"):
-            await pool().request("https://engine:8000", "/v1/models")
+        with pytest.raises(UnsupportedURL, match="http:// and https://"):
+            await pool().request("ftp://engine:8000", "/v1/models")
+        script = Script(keep_alive_ok)
+        async with script as url:
+            with pytest.raises(ConnectFailed):
+                await pool().request(url.replace("http://", "https://"), "/a", b"{}")
+            creds = url.replace("http://", "http://us%40er:p%3Ass@")
+            assert await (await pool().request(creds, "/a", b"{}")).read(100) == b'{"ok":1}'
+        assert any(b"Authorization: Basic dXNAZXI6cDpzcw==\r\n" in head for head in script.heads)  # us@er:p:ss
     run(main())
 
 
@@ -257,17 +266,72 @@ def closes_on(nth: int, partial: bytes = b"") -> Handler:
     return handler
 
 
-def test_a_kept_alive_connection_the_engine_closed_is_retried_once_on_a_fresh_one():
-    async def main() -> Script:
+def test_a_written_post_is_never_sent_twice_a_probe_is_retried_once_on_a_fresh_connection():
+    """The engine closes a kept-alive connection after reading the second request: a POST (it may be generating) is
+    Disconnected and not sent again; a GET probe is sent once more on a fresh connection."""
+    async def main(body: bytes | None) -> Script:
         script = Script(closes_on(2))
         async with script as url:
             upstream = pool()
-            assert await (await upstream.request(url, "/a", b"{}")).read(100) == b'{"ok":1}'
-            assert await (await upstream.request(url, "/a", b"{}")).read(100) == b'{"ok":1}'
+            assert await (await upstream.request(url, "/a", body)).read(100) == b'{"ok":1}'
+            if body is None:
+                assert await (await upstream.request(url, "/a", body)).read(100) == b'{"ok":1}'
+            else:
+                with pytest.raises(Disconnected):
+                    await upstream.request(url, "/a", body)
             await upstream.close()
         return script
-    script = run(main())
-    assert script.connections == 2 and len(script.heads) == 3  # the stale one, then the retry on a fresh one
+    posted = run(main(b"{}"))
+    assert posted.connections == 1 and len(posted.heads) == 2  # written once, never again
+    probed = run(main(None))
+    assert probed.connections == 2 and len(probed.heads) == 3  # the stale one, then the retry on a fresh one
+
+
+def test_interim_replies_are_skipped_and_the_final_one_is_read_by_its_own_caller():
+    """103 Early Hints / 100 Continue before the real reply (aiohttp skipped them): each caller gets its own 200
+    on one kept-alive connection, never the previous caller's."""
+    async def early_hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, script: Script) -> None:
+        count = 0
+        while await script.request(reader):
+            count += 1
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            for _ in range(20):  # (one loop: let the gateway's side read the interim replies on their own)
+                await asyncio.sleep(0)
+            writer.write(ok(b'{"caller":%d}' % count))
+
+    async def main() -> list[bytes]:
+        async with Script(early_hints) as url:
+            upstream = Upstream(1, 5, 5)
+            answers = []
+            for _ in range(3):
+                reply = await upstream.request(url, "/a", b"{}")
+                assert reply.status == 200
+                answers.append(await reply.read(100))
+            await upstream.close()
+            return answers
+    assert run(main()) == [b'{"caller":1}', b'{"caller":2}', b'{"caller":3}']
+
+
+def test_bytes_after_a_whole_reply_end_the_connection_and_the_next_call_is_served_fresh():
+    """An engine that sends more than its reply: the caller gets exactly its reply, the connection is not reused
+    (the extra bytes are never read as the next caller's reply), and the next call is answered on a fresh one."""
+    async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, script: Script) -> None:
+        while await script.request(reader):
+            writer.write(ok(b'{"a":1}') + b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nX")
+
+    async def main() -> tuple[list[bytes], int]:
+        script = Script(extra)
+        async with script as url:
+            upstream = Upstream(1, 5, 5)
+            got = []
+            for _ in range(2):
+                reply = await upstream.request(url, "/a", b"{}", deadline=upstream.loop.time() + 5)
+                got.append(await reply.read(100))
+            await upstream.close()
+        return got, script.connections
+    got, connections = run(main())
+    assert got == [b'{"a":1}', b'{"a":1}'] and connections == 2
 
 
 @pytest.mark.parametrize("partial", [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{"])
@@ -350,6 +414,20 @@ def test_a_reply_that_does_not_inflate_is_a_protocol_error():
     run(main())
 
 
+def test_chunked_trailers_that_never_end_are_a_protocol_error():
+    """Trailers after the last chunk go through the same unbounded header code in the parser: bounded too."""
+    endless = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-trailer: "
+               + b"a" * (8 * MAX_HEAD))
+
+    async def main() -> None:
+        async with Script(closes_on(1, endless)) as url:
+            reply = await pool().request(url, "/a", b"{}")
+            with pytest.raises(ProtocolError, match="trailers"):
+                await read_all(reply)
+            reply.close()
+    run(main())
+
+
 def test_a_reply_head_that_never_ends_is_a_protocol_error_and_the_connection_closed():
     """A misbehaving engine's endless header (the parser has no limit of its own): refused past MAX_HEAD bytes, not
     parsed on; a head just under it is read as usual."""
@@ -358,7 +436,7 @@ def test_a_reply_head_that_never_ends_is_a_protocol_error_and_the_connection_clo
 
     async def main() -> None:
         async with Script(closes_on(1, endless)) as url:
-            with pytest.raises(ProtocolError, match="head is longer"):
+            with pytest.raises(ProtocolError, match="head or trailers longer"):
                 await pool().request(url, "/a", b"{}")
         async with Script(closes_on(1, long_ok)) as url:
             assert await (await pool().request(url, "/a", b"{}")).read(100) == b"{}"

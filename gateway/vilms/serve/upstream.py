@@ -11,11 +11,14 @@ settings always meant. Engines are on the Docker network or loopback: http:// on
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
+import ssl
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from vilms.serve.upstream_conn import (ConnectFailed, ConnectTimeout, Conn, DeadlineExceeded, Disconnected,
                                        HeadTimeout, ProtocolError, Reply, SilenceTimeout, UpstreamError,
@@ -31,7 +34,13 @@ _FIXED = b"User-Agent: vilms-gateway\r\nAccept-Encoding: identity\r\n"
 
 
 class UnsupportedURL(UpstreamError):
-    """An engine URL the client does not speak (only http://, engines are on the Docker network or loopback)."""
+    """An engine URL the client does not speak (http:// and https:// only)."""
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The system's CAs, hostname checked: made once (loading the CA store costs milliseconds)."""
+    return ssl.create_default_context()
 
 
 @dataclass
@@ -42,23 +51,30 @@ class Target:
     port: int
     prefix: str
     host_header: str
+    tls: bool = False  # https://: an engine behind TLS (a remote OpenAI-compatible server), verified as browsers do
+    auth: bytes = b""  # user:password in the URL, sent as Basic authorization (as aiohttp did)
     heads: dict[tuple[bytes, str], bytes] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, base: str) -> "Target":
         parts = urlsplit(base)
-        if parts.scheme != "http" or not parts.hostname:
-            raise UnsupportedURL(f"engine URL {base!r}: the gateway's engine client speaks plain http:// only")
-        port = parts.port or 80
-        return cls(parts.hostname, port, parts.path.rstrip("/"), parts.netloc.rpartition("@")[2])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UnsupportedURL(f"engine URL {base!r}: the gateway's engine client speaks http:// and https://")
+        tls = parts.scheme == "https"
+        auth = b""
+        if parts.username is not None:
+            user = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            auth = b"Authorization: Basic %s\r\n" % base64.b64encode(user)
+        return cls(parts.hostname, parts.port or (443 if tls else 80), parts.path.rstrip("/"),
+                   parts.netloc.rpartition("@")[2], tls, auth)
 
     def head(self, method: bytes, path: str) -> bytes:
         """The request line and the headers every call to this path carries, up to the per-call ones."""
         key = (method, path)
         head = self.heads.get(key)
         if head is None:
-            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, (self.prefix + path).encode(),
-                                                          self.host_header.encode("idna"), _FIXED)
+            head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (method, (self.prefix + path).encode(),
+                                                            self.host_header.encode("idna"), _FIXED, self.auth)
             if method == b"POST":
                 head += b"Content-Type: application/json\r\n"
             self.heads[key] = head
@@ -102,8 +118,10 @@ class Upstream:
                       deadline: float = INF, head_deadline: float = INF) -> Reply:
         """One exchange: POST `body` (GET when None) to base+path and return the reply once its head is read.
 
-        Deadlines are loop times. A reused connection the engine closed before any reply byte came is retried once
-        on a fresh connection (the engine never saw the request); a fresh one, or one that sent a byte, never is.
+        Deadlines are loop times. A request is sent again, once, on a fresh connection only where the engine cannot
+        have seen it: the kept-alive connection was found closing before a byte was written, or a GET (a probe) on a
+        reused connection ended before any reply byte. A POST that was written is never sent twice (the engine may
+        already be generating), as aiohttp did for non-idempotent methods.
         """
         target = self.targets.get(base)
         if target is None:
@@ -117,7 +135,8 @@ class Upstream:
                 await conn.head()
                 return Reply(conn)
             except Disconnected:
-                if conn.uses == 1 or conn.got_byte or attempt:
+                unseen = conn.unsent or (body is None and conn.uses > 1 and not conn.got_byte)
+                if attempt or not unseen:
                     self.drop(conn)
                     raise
                 self.discard(conn)  # its slot is kept for the fresh connection
@@ -185,7 +204,8 @@ class Upstream:
         conn = Conn(self, key, self.read_timeout)
         try:
             async with asyncio.timeout_at(until):
-                await self.loop.create_connection(lambda: conn, target.host, target.port)
+                await self.loop.create_connection(lambda: conn, target.host, target.port,
+                                                  ssl=tls_context() if target.tls else None)
         except TimeoutError:
             self.free_slot()
             if until < deadline:

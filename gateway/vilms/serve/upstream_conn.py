@@ -18,7 +18,7 @@ import httptools
 
 PAUSE_ABOVE = 262144  # buffered reply bytes before the socket stops being read (the reader is slower than the engine)
 INFLATE_STEP = 262144  # a compressed reply is inflated at most this much per read: a gzip bomb stays bounded
-MAX_HEAD = 65536  # bytes an engine's reply head may take (aiohttp's limits were 8 KiB a line): past it, ProtocolError
+MAX_HEAD = 65536  # bytes a reply head, or its chunked trailers, may take (aiohttp: 8 KiB a line): past it, ProtocolError
 INF = math.inf
 
 
@@ -80,10 +80,11 @@ class Conn(asyncio.Protocol):
         """Fresh per-exchange state."""
         self.status = 0
         self.encoding = b""
-        self.framed = self.headers_done = self.complete = self.paused = self.got_byte = False
+        self.framed = self.headers_done = self.complete = self.paused = self.got_byte = self.interim = False
+        self.unsent = False
         self.keep_alive = True
         self.chunks: list[bytes] = []
-        self.buffered = self.head_bytes = 0
+        self.buffered = self.unframed = 0
         self.exc: UpstreamError | None = None
         self.deadline, self.head_deadline = deadline, head_deadline
         self.last = self.loop.time()
@@ -98,17 +99,19 @@ class Conn(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
             return
         self.got_byte, self.last = True, self.loop.time()
+        self.unframed += len(data)  # bytes since the last body bytes: a head or trailers (on_body sets it to 0)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(ProtocolError(f"unreadable reply: {exc}"))
+            if not self.complete:
+                self.fail(ProtocolError(f"unreadable reply: {exc}"))
+            self.keep_alive = False  # (complete: bytes after the reply, see on_message_begin)
             self.transport.close()  # type: ignore[union-attr]
             return
-        if not self.headers_done:  # a head that never ends: httptools has no limit and slows down past ~32 MiB
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD:
-                self.fail(ProtocolError(f"engine reply head is longer than {MAX_HEAD} bytes"))
-                self.transport.close()  # type: ignore[union-attr]
+        if self.unframed > MAX_HEAD and not self.complete:
+            # a head or trailers that never end: httptools has no limit, and builds each value by concatenation
+            self.fail(ProtocolError(f"engine reply head or trailers longer than {MAX_HEAD} bytes"))
+            self.transport.close()  # type: ignore[union-attr]
 
     def eof_received(self) -> None:
         return None  # close our side too: connection_lost follows
@@ -127,6 +130,10 @@ class Conn(asyncio.Protocol):
         self.fail(Disconnected("engine closed the connection" + (f" ({exc})" if exc else "")))
 
     # --- httptools callbacks --------------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after this exchange's whole reply: stop parsing, never reuse the connection
+            raise ProtocolError("engine sent bytes after its reply")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-encoding":
@@ -136,12 +143,16 @@ class Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        if self.status in (204, 304) or 100 <= self.status < 200:
+        if 100 <= self.status < 200 and self.status != 101:  # 100 Continue, 103 Early Hints: the reply follows
+            self.interim, self.encoding, self.framed = True, b"", False
+            return
+        if self.status in (204, 304) or self.status == 101:
             self.framed = True
         self.headers_done = True
         self.wake()
 
     def on_body(self, body: bytes) -> None:
+        self.unframed = 0
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > PAUSE_ABOVE and not self.paused:
@@ -150,6 +161,9 @@ class Conn(asyncio.Protocol):
         self.wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:  # the end of an interim (1xx) reply: the real one is next
+            self.interim = False
+            return
         self.complete = True
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.disarm()
@@ -162,7 +176,10 @@ class Conn(asyncio.Protocol):
         self.busy = True
         self.uses += 1
         self.reset(deadline, head_deadline)
+        if self.uses > 1:  # a fresh parser for every exchange: nothing of the last reply can leak into this one
+            self.parser = httptools.HttpResponseParser(self)
         if self.lost or self.transport.is_closing():  # type: ignore[union-attr]
+            self.unsent = True  # nothing written: the request may go on a fresh connection
             self.fail(Disconnected("engine closed the connection"))
             return
         self.transport.write(data)  # type: ignore[union-attr]
