@@ -41,7 +41,24 @@ def gateway_settings(backend: str) -> dict[str, Any]:
     return build_config({"serving": {"engine": "openai", "base-url": backend, "models": [{"name": "m"}]}}).gateway
 
 
+async def body_of(receive: Any) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    return body
+
+
+async def answer_json(send: Any, status: int, data: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON + [(b"content-length", b"%d" % len(data))]})
+    await send({"type": "http.response.body", "body": data})
+
+
 class Relay:
+    """The relay over aiohttp as the gateway used it before issue #23 (http.make_session). Subclasses put another
+    client under it: `open`/`close` at the app's start and stop, `relay` per request."""
+
     def __init__(self, backend: str):
         self.backend = backend
         self.session: aiohttp.ClientSession | None = None
@@ -50,8 +67,7 @@ class Relay:
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
         elif scope["method"] == "GET":
-            await send({"type": "http.response.start", "status": 200, "headers": JSON + [(b"content-length", b"2")]})
-            await send({"type": "http.response.body", "body": b"{}"})
+            await answer_json(send, 200, b"{}")
         else:
             await self.relay(scope, receive, send)
 
@@ -59,20 +75,23 @@ class Relay:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session = make_session(gateway_settings(self.backend))
+                await self.open()
                 heap.settle()
                 await send({"type": "lifespan.startup.complete"})
             else:
-                assert self.session is not None
-                await self.session.close()
+                await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def open(self) -> None:
+        self.session = make_session(gateway_settings(self.backend))
+
+    async def close(self) -> None:
+        assert self.session is not None
+        await self.session.close()
+
     async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
+        body = await body_of(receive)
         assert self.session is not None
         async with self.session.post(self.backend + scope["path"], data=body,
                                      headers={"Content-Type": "application/json"}) as answer:
@@ -83,20 +102,14 @@ class Relay:
                 await send({"type": "http.response.body", "body": b""})
                 return
             data = await answer.read()
-        await send({"type": "http.response.start", "status": answer.status,
-                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
-        await send({"type": "http.response.body", "body": data})
+        await answer_json(send, answer.status, data)
 
 
 class ReqwestRelay(Relay):
     """The same relay over pyreqwest (Rust reqwest/hyper on its own tokio thread), configured as make_session is:
     the config's timeouts, idle connections dropped after 4 s, no decompression, no redirects (bench/clients.py)."""
 
-    def __init__(self, backend: str):
-        super().__init__(backend)
-        self.client: Any = None
-
-    async def lifespan(self, receive: Any, send: Any) -> None:
+    async def open(self) -> None:
         from datetime import timedelta
 
         from pyreqwest.client import ClientBuilder
@@ -108,21 +121,12 @@ class ReqwestRelay(Relay):
                        .read_timeout(timedelta(seconds=gateway["read-timeout"]))
                        .timeout(timedelta(seconds=gateway["stream-timeout"]))
                        .pool_idle_timeout(timedelta(seconds=4)).build())
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                heap.settle()
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await self.client.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+
+    async def close(self) -> None:
+        await self.client.close()
 
     async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
+        body = await body_of(receive)
         request = self.client.post(self.backend + scope["path"]).headers({"Content-Type": "application/json"})
         async with request.body_bytes(body).build_streamed() as answer:
             reader = answer.body_reader
@@ -135,64 +139,40 @@ class ReqwestRelay(Relay):
             chunks = []
             while (chunk := await reader.read_chunk()) is not None:
                 chunks.append(bytes(chunk))
-            data = b"".join(chunks)
-        await send({"type": "http.response.start", "status": answer.status,
-                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
-        await send({"type": "http.response.body", "body": data})
+        await answer_json(send, answer.status, b"".join(chunks))
 
 
 class RawRelay(Relay):
     """The same relay over bench/clients.py's RawPool (httptools, no timeouts, no limits): a reference for how low
     a client could take the floor at all, not a candidate. Streams are relayed whole, as one body."""
 
-    async def lifespan(self, receive: Any, send: Any) -> None:
+    async def open(self) -> None:
         from bench.clients import RawPool
 
         self.pool = RawPool(self.backend)
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                heap.settle()
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await self.pool.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+
+    async def close(self) -> None:
+        await self.pool.close()
 
     async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
-        status, data = await self.pool.post(scope["path"], body)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
-        await send({"type": "http.response.body", "body": data})
+        status, data = await self.pool.post(scope["path"], await body_of(receive))
+        await answer_json(send, status, data)
 
 
 class UpstreamRelay(Relay):
     """The same relay over the gateway's own client since issue #23 (vilms.serve.upstream, the config's
     settings): the floor under today's gateway. A stream (the body asks for one) is relayed chunk by chunk."""
 
-    async def lifespan(self, receive: Any, send: Any) -> None:
+    async def open(self) -> None:
         from vilms.serve.upstream import make_upstream
 
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.upstream = make_upstream(gateway_settings(self.backend))
-                heap.settle()
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await self.upstream.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        self.upstream = make_upstream(gateway_settings(self.backend))
+
+    async def close(self) -> None:
+        await self.upstream.close()
 
     async def relay(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body, more = body + message.get("body", b""), message.get("more_body", False)
+        body = await body_of(receive)
         answer = await self.upstream.request(self.backend, scope["path"], body)
         if orjson.loads(body).get("stream"):
             await send({"type": "http.response.start", "status": answer.status, "headers": SSE})
@@ -203,9 +183,7 @@ class UpstreamRelay(Relay):
             return
         data = b"".join([chunk async for chunk in answer])
         answer.release()
-        await send({"type": "http.response.start", "status": answer.status,
-                    "headers": JSON + [(b"content-length", b"%d" % len(data))]})
-        await send({"type": "http.response.body", "body": data})
+        await answer_json(send, answer.status, data)
 
 
 CLIENTS = {"aiohttp": Relay, "pyreqwest": ReqwestRelay, "raw": RawRelay, "upstream": UpstreamRelay}
