@@ -226,6 +226,11 @@ def test_large_chat_bodies_reach_the_engine_unchanged():
                                 headers={"content-type": "application/json"})
             assert answer.status_code == 200, answer.text
             assert backend.backend.last_request["messages"] == body["messages"]
+        # the pass over a large body's parts (in the body thread) still refuses a part type, naming it
+        many["messages"][1234] = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video_url"}]}
+        refused = httpx.post(gw.url + CHAT, content=orjson.dumps(many), timeout=60,
+                             headers={"content-type": "application/json"})
+        assert refused.status_code == 400 and "messages[1234].content[1]" in refused.json()["error"]["message"]
 
 
 def test_discard_frees_long_lists_in_the_body_thread():
