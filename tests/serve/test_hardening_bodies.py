@@ -153,6 +153,19 @@ def test_large_road_parses_exactly_as_orjson(small_windows, offset):
     assert small_windows.parse_large(raw, None, _loads) == expected
 
 
+def test_large_road_keeps_key_order_and_the_last_duplicate_as_orjson(small_windows):
+    """A lifted key stays where it was among its object's keys, and of two equal keys (one lifted, one written
+    as an escape-free twin) the later wins, as orjson decides (a dict compares equal whatever its order)."""
+    from vilms.serve.api.requests import _loads
+
+    key = "k" * 300
+    raw = ('{"x": {"%s": 1, "b": 2, "\\u006b%s": 3}, "y": {"%s": 1, "b": 2}}' % (key, key[1:], key)).encode()
+    expected = orjson.loads(raw)
+    got = small_windows.parse_large(raw, None, _loads)
+    assert got == expected and [list(v) for v in got.values()] == [list(v) for v in expected.values()]
+    assert got["x"][key] == 3
+
+
 @pytest.mark.parametrize("raw", [b'{"a": "' + b"x" * 300, b'{"a": "' + b"x" * 200 + b'\x01' + b'y' * 100 + b'"}',
                                  b'{"a": "' + b"x" * 200 + b'\\q' + b'y' * 100 + b'"}',
                                  b'{"a": "' + b"x" * 200 + b'\xff' + b'y' * 100 + b'"}',
@@ -231,6 +244,28 @@ def test_large_chat_bodies_reach_the_engine_unchanged():
         refused = httpx.post(gw.url + CHAT, content=orjson.dumps(many), timeout=60,
                              headers={"content-type": "application/json"})
         assert refused.status_code == 400 and "messages[1234].content[1]" in refused.json()["error"]["message"]
+
+
+def test_the_body_thread_leaves_cyclic_garbage_to_the_collector():
+    """Cyclic garbage the loop made before a large body's work (an error path keeping a traceback) is still
+    collected after it: a gc.freeze() there put it in the permanent generation for good."""
+    import gc
+    import weakref
+
+    from vilms.serve.large import Bodies, _uncollected
+
+    class Node:
+        pass
+
+    def garbage_cycle() -> weakref.ref:
+        node = Node()
+        node.self = node
+        return weakref.ref(node)
+
+    gone = garbage_cycle()
+    Bodies.executor.submit(_uncollected, lambda: None).result(10)  # what every large body's step runs in
+    gc.collect()
+    assert gone() is None
 
 
 def test_discard_frees_long_lists_in_the_body_thread():

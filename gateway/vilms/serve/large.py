@@ -45,16 +45,16 @@ class Bodies:
 
 
 def _uncollected(fn: Callable[..., T], *args: Any) -> T:
-    """`fn` with the cyclic collector paused, and what it made frozen after (gc.freeze: never walked, still freed
-    when unreferenced). Why: a 64 MiB body of ~200,000 values makes ~150,000 containers (and validation as many
-    models); a full collection triggered among them walked them all in one piece, 58-103 ms of GIL. Requests make
-    no reference cycles (vilms.serve.heap), so nothing is lost that the collector would have freed."""
+    """`fn` with the cyclic collector paused. Why: a 64 MiB body of ~200,000 values makes ~150,000 containers (and
+    validation as many models); a collection triggered among them, mid-parse, walked them all in one piece, 58-103 ms
+    of GIL. Not frozen after (gc.freeze), though that spared the walks later: a freeze takes every object the
+    process holds at that moment, cyclic garbage the loop has not collected yet included, and that would never be
+    freed (review of the large road); the young collection that meets them once costs ~10 ms."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         return fn(*args)
     finally:
-        gc.freeze()
         if enabled:
             gc.enable()
 
@@ -63,8 +63,13 @@ def discard(*holders: Any) -> None:
     """Empty the long lists these hold (a body's members, a model's fields) in the body thread, RUN elements per
     call. Why: the last reference to a parsed 64 MiB body of ~200,000 values (or to its validated model) dropped
     on the event loop frees it all in one C call there, 50-60 ms each; the caller must not read them after."""
-    lists = [value for holder in holders for value in (holder if isinstance(holder, dict) else vars(holder)).values()
-             if isinstance(value, list) and len(value) > RUN]
+    lists: list[Any] = [value for holder in holders
+                        for value in (holder if isinstance(holder, dict) else vars(holder)).values()
+                        if isinstance(value, list) and len(value) > RUN]
+    for holder in holders:  # the received body kept for its literal texts: 64 MiB freed there too (4-9 ms here)
+        if type(holder) is Large and holder.raw:
+            lists.append([holder.raw])
+            holder.raw = b""
     if lists:
         Bodies.executor.submit(_uncollected, _emptied, lists)
 

@@ -244,8 +244,10 @@ def put_back(data: Any, values: dict[str, str]) -> None:
                         node[key] = values[value]
                 elif isinstance(value, (dict, list)):
                     stack.append(value)
-            for key in [key for key in node if key in values]:
-                node[values[key]] = node.pop(key)
+            if any(key in values for key in node):  # keys rebuilt in their order (a later duplicate still wins)
+                items = list(node.items())
+                node.clear()
+                node.update((values.get(key, key), value) for key, value in items)
         else:
             for i, value in enumerate(node):
                 if isinstance(value, str):
