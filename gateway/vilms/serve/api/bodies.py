@@ -18,6 +18,10 @@ there are no backslashes, so the `"` opening that string would be unescaped. Fro
 quotes are found by local backslash counting; strings are never nested, so each byte is looked at a bounded number
 of times, at memchr or sre speed. An invalid body may be lifted wrongly; then the skeleton is invalid too (every
 placeholder starts with a backslash, which is invalid outside a string) and the answer is the same 400.
+A stretch with no such byte but none of `[]{},:` either (a long text of plain letters, digits and spaces) is taken
+for the inside of a string too: outside strings it could only be one token or whitespace run of LONG // 2 bytes or
+more, which no client sends; such a body is refused (400) rather than parsed in one long call (review: a 63 MiB
+text of "aaaa…" was one 335 ms regex and orjson call, 63 MiB of spaces between two keys 101 ms).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ STEP = 1 << 18  # bytes a string's end is looked for per call (sre steps over es
 SWITCH_INTERVAL = 0.001  # s: a worker running Python hands the GIL to a waiting loop within this (CPython: 0.005)
 COUNTED = 1 << 20  # bytes per count() call of the pre-parse value count
 _INSIDE_ONLY = re.compile(rb"[^\t\n\r 0-9+\-.eEtrufalsn\[\]{},:]")  # a byte valid JSON has only inside strings
+_STRUCTURAL = re.compile(rb"[\[\]{},:]")  # outside strings, every value but one huge token is delimited by these
 _CONTENT = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)  # string content: plain bytes and escapes
 _HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
@@ -135,7 +140,8 @@ def long_strings(raw: bytes) -> list[tuple[int, int]]:
     half, k, n = LONG // 2, 0, len(raw)
     while k + half <= n:
         end = k + half
-        if raw.count(b'"', k, end) != raw.count(b'\\"', k, end) or not _INSIDE_ONLY.search(raw, k, end):
+        if raw.count(b'"', k, end) != raw.count(b'\\"', k, end) or not (
+                _INSIDE_ONLY.search(raw, k, end) or not _STRUCTURAL.search(raw, k, end)):
             k = end
             continue
         opening = _opening_quote(raw, k)
