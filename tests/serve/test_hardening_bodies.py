@@ -294,7 +294,8 @@ def test_discard_frees_long_lists_in_the_body_thread():
     assert holder == {"messages": [], "short": [1, 2]}
 
 
-def test_a_large_body_is_serialised_in_short_calls_and_sent_as_pieces(monkeypatch):
+@pytest.mark.parametrize("shape", ["many messages", "one message of many parts"])
+def test_a_large_body_is_serialised_in_short_calls_and_sent_as_pieces(monkeypatch, shape):
     """The engine adapter used to run one orjson.dumps over the whole forwarded body on the event loop (45-50 ms at
     64 MiB); a large body is now made in calls of about large.PIECE bytes, and handed to the engine's client as those pieces."""
     import asyncio
@@ -303,8 +304,10 @@ def test_a_large_body_is_serialised_in_short_calls_and_sent_as_pieces(monkeypatc
     from vilms.serve.api.requests import _loads
     from vilms.serve.api.bodies import parse_large
 
-    raw = orjson.dumps({"model": "m", "n": 1, "messages": [{"role": "user", "content": [{"type": "text", "text": t}]}
-                                                            for t in ("w" * 200, "猫 \"q\"\n" * 30) * 3000]})
+    texts = ("w" * 200, "猫 \"q\"\n" * 30) * 3000
+    messages = ([{"role": "user", "content": [{"type": "text", "text": t}]} for t in texts] if shape == "many messages"
+                else [{"role": "user", "content": [{"type": "text", "text": t} for t in texts]}])  # was one call
+    raw = orjson.dumps({"model": "m", "n": 1, "messages": messages})
     body = parse_large(raw, None, _loads)
     sizes: list[int] = []
     real = orjson.dumps

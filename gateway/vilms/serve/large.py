@@ -17,6 +17,8 @@ from typing import Any, Callable, TypeVar
 import orjson
 
 PIECE = 1 << 18  # bytes of JSON one orjson.dumps call makes (about: sized from the previous call's output)
+MAX_RUN = 1024  # list elements per orjson.dumps call at most (sized by bytes below that)
+LONG_LIST = 256  # an element holding a list longer than this is serialised apart, in runs of its own
 RUN = 64  # list elements freed per call by `discard` (a chat message of ten 1 KiB parts: ~10 µs each)
 T = TypeVar("T")
 
@@ -90,29 +92,56 @@ async def forwarded(body: dict[str, Any]) -> bytes | list[bytes | memoryview]:
 
 
 def serialised(body: Large) -> list[bytes | memoryview]:
-    """orjson.dumps(body) as pieces: each top-level list in runs of elements of about PIECE bytes, each kept text
-    the client's literal itself (a view of the body it came in: never copied)."""
-    pieces: list[bytes | memoryview] = [b"{"]
-    for i, (key, value) in enumerate(body.items()):
-        pieces += [b"," if i else b"", orjson.dumps(key), b":"]
-        if isinstance(value, list) and len(value) > 1:
-            _list_pieces(value, pieces)
-        else:
-            pieces.append(orjson.dumps(value))
-    pieces.append(b"}")
+    """orjson.dumps(body) as pieces: every list in runs of elements of about PIECE bytes (an element that holds a
+    long list of its own, such as one message of 17,000 parts, serialised apart, the same way), each kept text the
+    client's literal itself (a view of the body it came in: never copied)."""
+    pieces: list[bytes | memoryview] = []
+    _dict_pieces(body, pieces)
     pieces = [piece for piece in pieces if piece]
     return _spliced(pieces, body) if body.texts else pieces
 
 
-def _list_pieces(items: list[Any], pieces: list[bytes]) -> None:
-    """A list's JSON in orjson calls over runs of elements sized from the bytes the previous run made."""
+def _value_pieces(value: Any, pieces: list[bytes | memoryview]) -> None:
+    if isinstance(value, list) and value:
+        _list_pieces(value, pieces)
+    elif _holds_long_list(value):
+        _dict_pieces(value, pieces)
+    else:
+        pieces.append(orjson.dumps(value))
+
+
+def _dict_pieces(mapping: dict[str, Any], pieces: list[bytes | memoryview]) -> None:
+    pieces.append(b"{")
+    for i, (key, value) in enumerate(mapping.items()):
+        pieces += [b"," if i else b"", orjson.dumps(key), b":"]
+        _value_pieces(value, pieces)
+    pieces.append(b"}")
+
+
+def _holds_long_list(value: Any) -> bool:
+    """A list of more than LONG_LIST elements, or an object with one among its members: serialised in runs."""
+    if isinstance(value, list):
+        return len(value) > LONG_LIST
+    return isinstance(value, dict) and any(isinstance(v, list) and len(v) > LONG_LIST for v in value.values())
+
+
+def _list_pieces(items: list[Any], pieces: list[bytes | memoryview]) -> None:
+    """A list's JSON in orjson calls over runs of elements sized from the bytes the previous run made, at most
+    MAX_RUN elements (a run of tiny elements must not grow into one call over the large ones after them)."""
     pieces.append(b"[")
-    at, run = 0, 16
-    while at < len(items):
-        part = orjson.dumps(items[at:at + run])
+    at, run, n = 0, 16, len(items)
+    while at < n:
+        end = min(at + run, n)
+        nested = next((j for j in range(at, end) if _holds_long_list(items[j])), end)
+        if nested == at:  # this element apart, in runs of its own
+            pieces.append(b"," if at else b"")
+            _value_pieces(items[at], pieces)
+            at += 1
+            continue
+        part = orjson.dumps(items[at:nested])
         pieces += [b"," if at else b"", part[1:-1]]
-        at += run
-        run = max(1, min(4 * run, run * PIECE // len(part)))
+        run = max(1, min(4 * run, MAX_RUN, (nested - at) * PIECE // len(part)))
+        at = nested
     pieces.append(b"]")
 
 
