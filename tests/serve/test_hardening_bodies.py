@@ -280,7 +280,7 @@ def test_the_body_thread_leaves_cyclic_garbage_to_the_collector():
         return weakref.ref(node)
 
     gone = garbage_cycle()
-    Bodies.executor.submit(_uncollected, lambda: None).result(10)  # what every large body's step runs in
+    Bodies.executor.submit(_uncollected, lambda: None).result(10)  # what a body of many values is parsed in
     gc.collect()
     assert gone() is None
 

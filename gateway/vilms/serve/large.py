@@ -9,10 +9,11 @@ loop where the engine adapter ran it; from a worker thread it stalls the loop as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import orjson
 
@@ -43,22 +44,39 @@ class Bodies:
 
     @classmethod
     async def run(cls, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(cls.executor, fn, *args)
+
+    @classmethod
+    async def run_uncollected(cls, fn: Callable[..., T], *args: Any) -> T:
+        """`run` for a step that makes ~100,000 objects (validating a body of many values): see `uncollected`."""
         return await asyncio.get_running_loop().run_in_executor(cls.executor, _uncollected, fn, *args)
 
 
-def _uncollected(fn: Callable[..., T], *args: Any) -> T:
-    """`fn` with the cyclic collector paused. Why: a 64 MiB body of ~200,000 values makes ~150,000 containers (and
-    validation as many models); a collection triggered among them, mid-parse, walked them all in one piece, 58-103 ms
-    of GIL. Not frozen after (gc.freeze), though that spared the walks later: a freeze takes every object the
-    process holds at that moment, cyclic garbage the loop has not collected yet included, and that would never be
-    freed (review of the large road); the young collection that meets them once costs ~10 ms."""
+@contextlib.contextmanager
+def uncollected() -> Iterator[None]:
+    """The cyclic collector paused while a body thread step makes many objects, and what it made frozen after
+    (gc.freeze: never walked, still freed when unreferenced). Why: a 64 MiB body of ~200,000 values makes ~150,000
+    containers (and validation as many models); any collection among them walked them all in one piece, 58-103 ms
+    of GIL mid-parse, and without the freeze the young and full collections that met them later stalled the loop
+    80-360 ms (bench/bigbodies.py). For steps that make few objects (images, long texts) it is not used.
+
+    A freeze takes every object of the moment, so garbage the collector has not freed yet would be kept for good:
+    a full collection runs first, over what is not frozen yet (what came since the last freeze: milliseconds).
+    Requests make no reference cycles (vilms.serve.heap), so what the loop makes meanwhile is freed by its count."""
     enabled = gc.isenabled()
+    gc.collect()
     gc.disable()
     try:
-        return fn(*args)
+        yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _uncollected(fn: Callable[..., T], *args: Any) -> T:
+    with uncollected():
+        return fn(*args)
 
 
 def discard(*holders: Any) -> None:
@@ -73,7 +91,7 @@ def discard(*holders: Any) -> None:
             lists.append([holder.raw])
             holder.raw = b""
     if lists:
-        Bodies.executor.submit(_uncollected, _emptied, lists)
+        Bodies.executor.submit(_emptied, lists)
 
 
 def _emptied(lists: list[list[Any]]) -> None:

@@ -26,6 +26,7 @@ text of "aaaa…" was one 335 ms regex and orjson call, 63 MiB of spaces between
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from typing import Any, Callable, Iterator
@@ -34,7 +35,7 @@ import orjson
 
 from vilms.errors import BadRequest
 from vilms.serve.api import jsonsplit
-from vilms.serve.large import Bodies, Large
+from vilms.serve.large import Bodies, Large, uncollected
 
 LARGE = 1 << 20  # bodies from this size on take this road (below it: the loop, as before; ~200 B chats pay nothing)
 MANY = 10_000  # ... and bodies holding more JSON values than this, whatever their size (validation is per value)
@@ -75,7 +76,8 @@ def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[..., dict[str
     if max_nodes is not None and nodes > max_nodes:
         raise BadRequest(f"request body holds more than {max_nodes} JSON values (gateway.max-json-nodes)",
                          code="too_many_json_values")
-    body = Large(loads(skeleton, jsonsplit.loads, openings))
+    with uncollected() if nodes > MANY else contextlib.nullcontext():
+        body = Large(loads(skeleton, jsonsplit.loads, openings))
     body.many, body.nonce = nodes > MANY, nonce
     if spans:
         places = {f"\x1fvilms:{i}:{nonce}": span for i, span in enumerate(spans)}
