@@ -8,7 +8,7 @@ c=64 concurrent callers on one uvloop event loop, each reply read whole and its 
 Each client runs in a fresh child process; the figure is that process's utime + stime (getrusage: all its threads,
 so a Rust runtime's threads count) over the measured window, after a warm-up, divided by the replies completed.
 Clients, interleaved in every round so load drift hits all alike:
-- aiohttp: the gateway's own session (serve/http.make_session, config defaults) called as engines/base.py `open`
+- aiohttp: the gateway's own session (bench/aiohttp_session.make_session, config defaults) called as engines/base.py `open`
   and `_read` call it (BytesPayload, the exchange timeout, iter_any, release);
 - pyreqwest (Rust reqwest/hyper/tokio), aiosonic (pure Python, asyncio); niquests when `--niquests-path` names a
   `pip install --target` folder (it brings urllib3-future, which replaces urllib3 in an environment it joins);
@@ -53,7 +53,7 @@ Call = Callable[[], Awaitable[int]]  # one request: returns the reply's length (
 
 async def aiohttp_client(url: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
     import aiohttp
-    from vilms.serve.http import make_session
+    from bench.aiohttp_session import make_session
     from bench.relay_floor import gateway_settings
 
     settings = gateway_settings(url)

@@ -1,6 +1,6 @@
 """The floor under the gateway's cost: the least a relay on the same stack can spend per request.
 
-An ASGI app that reads the body, POSTs it to the engine through the gateway's own aiohttp session (http.make_session,
+An ASGI app that reads the body, POSTs it to the engine through the gateway's own aiohttp session (bench/aiohttp_session.make_session,
 the config's defaults) and relays the answer, a stream chunk by chunk, served as `vilms serve` serves the gateway
 (its guarded httptools protocol, uvloop, the heap settled): no keys, no validation, no metrics, no limits. What the
 gateway costs above this is its pipeline; this itself is uvicorn, aiohttp and the kernel (bench/cost.py --floor).
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "gateway"))
 sys.path.insert(0, str(ROOT))
 from vilms.config.load import build_config  # noqa: E402
 from vilms.serve import heap  # noqa: E402
-from vilms.serve.http import make_session  # noqa: E402
+from bench.aiohttp_session import make_session  # noqa: E402
 from vilms.serve.server import HeadLimits, protocol  # noqa: E402
 
 JSON = [(b"content-type", b"application/json")]
@@ -56,7 +56,7 @@ async def answer_json(send: Any, status: int, data: bytes) -> None:
 
 
 class Relay:
-    """The relay over aiohttp as the gateway used it before issue #23 (http.make_session). Subclasses put another
+    """The relay over aiohttp as the gateway used it before issue #23 (bench/aiohttp_session.make_session). Subclasses put another
     client under it: `open`/`close` at the app's start and stop, `relay` per request."""
 
     def __init__(self, backend: str):

@@ -4,8 +4,9 @@ Why not a library: every well-kept client cost 2.5-25 times what a bare asyncio 
 costs per proxied request (bench/results/clients.md: aiohttp ~115 µs of CPU, pyreqwest 61 and +7 per stream chunk,
 this shape 24), and the client was about half the gateway's floor. So, as uvicorn does on the server side, the
 parser is httptools and the pool and the exchange are ours (vilms.serve.upstream_conn), cut to what the engine
-adapters use: POST a JSON body or GET a probe, read the status and the body, time out as serve/http.py's
-settings always meant. Engines are on the Docker network or loopback: http:// only, no proxies, no TLS.
+adapters use: POST a JSON body or GET a probe, read the status and the body, time out as the gateway's connect,
+read and total settings always meant (the aiohttp session before it is bench/aiohttp_session.py now). Engines are
+on the Docker network or loopback: http://, or https:// with the system's CAs for a remote one; no proxies.
 """
 
 from __future__ import annotations
