@@ -139,8 +139,9 @@ TRICKY = ['plain ' * 40, 'quote \\" and backslash \\\\ ' * 12, '\\\\' * 100 + '\
           '\\u00e9\\ud83d\\ude00\\n\\t\\/' * 20, 'x' * 63, 'data:image/png;base64,' + 'QUJD' * 50]
 
 
+@pytest.mark.parametrize("buffer", [bytes, bytearray])  # read_body fills a bytearray for a declared large body
 @pytest.mark.parametrize("offset", range(7))
-def test_large_road_parses_exactly_as_orjson(small_windows, offset):
+def test_large_road_parses_exactly_as_orjson(small_windows, offset, buffer):
     """Long strings of every kind (escapes, escaped quotes and backslashes, surrogate pairs, UTF-8), as values, list
     items and keys, shifted so window edges fall everywhere: the same dict as orjson.loads of the whole body."""
     from vilms.serve.api.requests import _loads
@@ -148,7 +149,7 @@ def test_large_road_parses_exactly_as_orjson(small_windows, offset):
     texts = ["a" * offset + text for text in TRICKY]
     raw = ('{"model": "m", "messages": [%s], "%s": 1, "n": [1, 2.5, true, null]}' % (
         ", ".join('{"role": "user", "content": "%s"}' % t for t in texts), texts[1])).encode()
-    expected = orjson.loads(raw)
+    expected, raw = orjson.loads(raw), buffer(raw)
     assert small_windows.long_strings(raw)  # the road really lifted strings here
     assert small_windows.parse_large(raw, None, _loads) == expected
 
@@ -184,10 +185,12 @@ def test_large_road_keeps_key_order_and_the_last_duplicate_as_orjson(small_windo
 
 
 @pytest.mark.parametrize("raw", [b'{"a": "' + b"x" * 300, b'{"a": "' + b"x" * 200 + b'\x01' + b'y' * 100 + b'"}',
+                                 b'{"a": "\x1f' + b"x" * 300 + b'"}', b'{"a": "' + b"x" * 300 + b'\x00"}',
                                  b'{"a": "' + b"x" * 200 + b'\\q' + b'y' * 100 + b'"}',
                                  b'{"a": "' + b"x" * 200 + b'\xff' + b'y' * 100 + b'"}',
                                  b'{"a": ' + b"x" * 300 + b'"}', b'["' + b"x" * 300 + b'"]'])
-def test_large_road_refuses_what_orjson_refuses(small_windows, raw):
+@pytest.mark.parametrize("buffer", [bytes, bytearray])
+def test_large_road_refuses_what_orjson_refuses(small_windows, raw, buffer):
     """Unterminated, control characters, bad escapes, invalid UTF-8, bare words, a non-object: 400 invalid_json."""
     from vilms.errors import BadRequest
     from vilms.serve.api.requests import _loads
@@ -196,7 +199,7 @@ def test_large_road_refuses_what_orjson_refuses(small_windows, raw):
         with pytest.raises(orjson.JSONDecodeError):
             orjson.loads(raw)
     with pytest.raises(BadRequest) as refused:
-        small_windows.parse_large(raw, None, _loads)
+        small_windows.parse_large(buffer(raw), None, _loads)
     assert refused.value.code == "invalid_json"
 
 

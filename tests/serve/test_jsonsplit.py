@@ -121,3 +121,11 @@ def test_no_orjson_call_is_handed_more_than_a_piece():
     with patch.object(jsonsplit, "PIECE", 1 << 16), patch.object(jsonsplit.orjson, "loads", counted):
         assert jsonsplit.loads(body) == real(body)
     assert len(body) > 1 << 20 and max(sizes) <= (1 << 16) + 2
+
+
+@pytest.mark.parametrize("piece", PIECES)
+def test_a_bytearray_parses_as_bytes_do(piece):
+    """The gateway reads a declared large body into a bytearray (api.requests.read_body): same value, same refusal."""
+    text = b'{"a": [1, {"b": [true, null, "x"]}, [[], {}]], "c": {"d": [1.5, "e"]}}'
+    assert split_loads(bytearray(text), piece) == orjson.loads(text)
+    assert outcome(lambda t: split_loads(t, piece), bytearray(text[:-1])) == ("refused", None)

@@ -86,7 +86,7 @@ def _container(text: bytes, at: int, depth: int) -> tuple[Any, int]:
     each, a too-big or too-deep element split one level down."""
     if depth > MAX_DEPTH:
         raise Invalid(f"nested deeper than {MAX_DEPTH} levels", at)
-    kind = text[at:at + 1]
+    kind = bytes(text[at:at + 1])  # a bytearray body (api.requests.read_body) slices to bytearray: unhashable
     close = b"]" if kind == b"[" else b"}"
     value: Any = [] if kind == b"[" else {}
     add = value.extend if kind == b"[" else value.update
