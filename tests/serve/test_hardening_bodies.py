@@ -222,14 +222,28 @@ def test_message_texts_stay_literals_and_are_forwarded_as_sent(small_windows, of
     raw = chat_with_long_texts(texts)
     body = small_windows.parse_large(raw, None, _loads, True)
     assert sorted(body.texts.values()) == [(raw.index(t.encode()) - 1, raw.index(t.encode()) + len(t.encode()))
-                                           for t in texts[:2]]  # the two message texts, nothing else
-    assert body["messages"][1]["content"][1]["image_url"]["url"] == orjson.loads(raw)["messages"][1]["content"][1][
-        "image_url"]["url"]
+                                           for t in texts[:3]]  # the message texts and the plain image URL only
+    url = body["messages"][1]["content"][1]["image_url"]["url"]
+    assert bytes(body.literal(url)) == texts[2].encode() and body.literal(texts[2]) is None
+    assert body["metadata"]["note"] == texts[3]  # elsewhere a long string is a string
     validated(ChatRequest, body, {})
     sent = b"".join(serialised(body))
     assert orjson.loads(sent) == orjson.loads(raw)
-    assert all(b'"%s"' % t.encode() in sent for t in texts[:2])
+    assert all(b'"%s"' % t.encode() in sent for t in texts[:3])
     assert small_windows.materialise(body) == orjson.loads(raw)  # what an adapter that reads them gets
+
+
+@pytest.mark.parametrize("url", ['data:image/png;base64,' + 'QUJD' * 60 + '\\n' + 'QUJD',  # an escape
+                                 'data:image/png;base64,' + 'QUJD' * 60 + '\u00e9',  # not ASCII
+                                 'data:image/png;base64,' + 'QUJD' * 60 + '\\/QUJD'])  # an escaped slash (PHP)
+def test_an_image_url_that_is_not_plain_ascii_becomes_a_string(small_windows, url):
+    """Only a literal whose bytes are its text (printable ASCII, no escape) is kept for decoding in place."""
+    from vilms.serve.api.requests import _loads
+
+    raw = chat_with_long_texts(["s" * 100, "t" * 100, url, "m"])
+    body = small_windows.parse_large(raw, None, _loads, True)
+    value = body["messages"][1]["content"][1]["image_url"]["url"]
+    assert body.literal(value) is None and value == orjson.loads(raw)["messages"][1]["content"][1]["image_url"]["url"]
 
 
 def test_a_kept_message_text_is_still_checked(small_windows):

@@ -26,14 +26,20 @@ T = TypeVar("T")
 
 class Large(dict):
     """A body that took the large road. `many`: it holds more than MANY values, so its request model is validated
-    off the loop too (`Bodies.run`). `texts`: message texts kept as the client's own JSON string literals, never
-    made Python strings (placeholder -> (opening, closing) quote positions in `raw`): the body holds a short
+    off the loop too (`Bodies.run`). `texts`: message texts (and plain image URLs) kept as the client's own JSON
+    string literals, never made Python strings (placeholder -> (opening, closing) quote positions in `raw`): the body holds a short
     placeholder string there (which passes the `str` those fields are), and `serialised` puts the literal back."""
 
     many: bool = False
     raw: bytes = b""
     nonce: str = ""
     texts: dict[str, tuple[int, int]] = {}
+
+    def literal(self, value: Any) -> memoryview | None:
+        """The content of the kept literal `value` stands for (a view of the received body), None if it is not a
+        placeholder. Chat image URLs are kept too when plain ASCII (vilms.serve.api.bodies.image_urls)."""
+        span = self.texts.get(value) if isinstance(value, str) else None
+        return None if span is None else memoryview(self.raw)[span[0] + 1:span[1]]
 
 
 class Bodies:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -113,17 +113,19 @@ def _memory_file() -> Any:
 B64_PIECE = 1 << 22  # base64 characters per pybase64 call on the strict road (a multiple of 4): ~0.3 ms of GIL
 
 
-def data_url_payload(url: str, max_bytes: int) -> int:
-    """Where a base64 data URL's payload starts, after checking its header and (before decoding) its size."""
-    comma = url.find(",", 0, 1024)
-    if comma < 0 or not url.startswith("data:") or ";base64" not in url[:comma]:
+def data_url_payload(url: str | memoryview, max_bytes: int) -> int:
+    """Where a base64 data URL's payload starts, after checking its header and (before decoding) its size. `url`:
+    a string, or a view of a kept plain-ASCII literal in the received body (Large.literal)."""
+    head = url[:1024] if isinstance(url, str) else str(url[:1024], "ascii")
+    comma = head.find(",")
+    if comma < 0 or not head.startswith("data:") or ";base64" not in head[:comma]:
         raise ValueError("data URLs must be base64-encoded (data:image/...;base64,...)")
     if (len(url) - comma - 1) // 4 * 3 > max_bytes + 2:
         raise ValueError(f"image is larger than {max_bytes} bytes (media.max-bytes)")
     return comma + 1
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
+def decode_data_url(url: str | memoryview, max_bytes: int) -> bytes:
     """The payload's bytes, as leniently as b64decode(validate=False): characters outside the alphabet skipped.
 
     Why two roads: binascii decodes ~4 ms per MiB holding the GIL (three 15 MiB images from each of 8 requests were
@@ -136,19 +138,19 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         return _lenient(url, start)
 
 
-def _strict(url: str, start: int) -> bytes:
+def _strict(url: str | memoryview, start: int) -> bytes:
     """Canonical base64 only (alphabet, padding at the very end), a piece of B64_PIECE characters per call: a
     piece that is not whole groups of four raises, and the lenient road takes over."""
     out = []
     for at in range(start, len(url), B64_PIECE):
-        piece = url[at:at + B64_PIECE]
-        if piece.endswith("=") and at + B64_PIECE < len(url):
+        piece = url[at:at + B64_PIECE]  # of a view: no copy
+        if piece[-1:] in ("=", b"=") and at + B64_PIECE < len(url):
             raise ValueError("padding before the end")  # the lenient decoder stops there: let it
         out.append(pybase64.b64decode(piece, validate=True))
     return b"".join(out)
 
 
-def _lenient(url: str, start: int) -> bytes:
+def _lenient(url: str | memoryview, start: int) -> bytes:
     """What b64decode(validate=False) makes of the payload, in one pybase64 call (~5 ms for 20 MiB: cutting it
     would change what stray padding means)."""
     try:
@@ -192,9 +194,9 @@ def inspect_content(messages: list[dict[str, Any]], allowed: Collection[str], ma
     return total
 
 
-def _prepared_url(data: bytes | str, limits: ImageLimits) -> str:
+def _prepared_url(data: bytes | str | memoryview, limits: ImageLimits) -> str:
     """In the decode pool: a data URL's payload decoded first (the loop never decodes base64), then Pillow."""
-    if isinstance(data, str):
+    if isinstance(data, (str, memoryview)):
         data = decode_data_url(data, limits.max_bytes)
         if len(data) > limits.max_bytes:
             raise ValueError(f"image is larger than {limits.max_bytes} bytes (media.max-bytes)")
@@ -209,7 +211,7 @@ class Decoder:
                                            initializer=_lowered, initargs=(DECODE_NICE,))
         self.gate = FairGate("image decode", workers)  # the pool's places, shared fairly between keys
 
-    async def run(self, data: bytes | str, limits: ImageLimits, owner: str = "") -> str:
+    async def run(self, data: bytes | str | memoryview, limits: ImageLimits, owner: str = "") -> str:
         """The prepared image (bytes, or a data URL to decode first) as a data URL (base64 both ways is CPU work
         too: done in the pool)."""
         await self.gate.acquire(owner)
@@ -223,10 +225,12 @@ class Decoder:
 
 
 async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fetcher: ImageFetcher,
-                         decoder: Decoder, owner: str = "") -> list[dict[str, Any]]:
+                         decoder: Decoder, owner: str = "",
+                         literal: Callable[[Any], memoryview | None] | None = None) -> list[dict[str, Any]]:
     """New message list: each message's images sampled to `max_frames`, verified, resized, as data URLs.
 
     Text parts keep their places; dropped frames simply vanish from the sequence. Linear in the parts.
+    `literal`: a large body's placeholder -> the view of the kept URL literal it stands for (Large.literal).
     """
     jobs: list[tuple[int, int, dict[str, Any]]] = []
     new_messages = []
@@ -251,10 +255,13 @@ async def prepare_images(messages: list[dict[str, Any]], limits: ImageLimits, fe
     async def load(mi: int, pi: int, part: dict[str, Any]) -> None:
         where = f"messages[{mi}].content[{pi}]"
         try:
-            url = image_url_of(part)
-            if url.startswith("data:"):
+            url: str | memoryview = image_url_of(part)
+            view = literal(url) if literal is not None else None
+            if view is not None:  # a kept literal: printable ASCII, decoded from the received body as it lies
+                url = view if view[:5] == b"data:" else str(view, "ascii")
+            if isinstance(url, memoryview) or url.startswith("data:"):
                 data_url_payload(url, limits.max_bytes)  # header and size refused here, decoded in the pool
-                raw: bytes | str = url
+                raw: bytes | str | memoryview = url
             elif url.startswith(("http://", "https://")):
                 raw = await fetcher.fetch(url, owner)
                 if len(raw) > limits.max_bytes:

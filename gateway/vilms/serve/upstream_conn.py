@@ -18,6 +18,7 @@ import httptools
 
 PAUSE_ABOVE = 262144  # buffered reply bytes before the socket stops being read (the reader is slower than the engine)
 INFLATE_STEP = 262144  # a compressed reply is inflated at most this much per read: a gzip bomb stays bounded
+WRITE_SLICE = 262144  # request-body bytes written per event-loop turn (a large body: vilms.serve.large)
 MAX_HEAD = 65536  # bytes a reply head, or its chunked trailers, may take (aiohttp: 8 KiB a line): past it, ProtocolError
 INF = math.inf
 
@@ -74,6 +75,9 @@ class Conn(asyncio.Protocol):
         self.uses = 0  # exchanges sent on it: a stale keep-alive connection can only be one with uses > 1
         self.timer: asyncio.TimerHandle | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.writing: asyncio.Task[None] | None = None  # a large request body still being written
+        self.write_paused = False
+        self.writable: asyncio.Future[None] | None = None
         self.reset(INF, INF)
 
     def reset(self, deadline: float, head_deadline: float) -> None:
@@ -113,11 +117,23 @@ class Conn(asyncio.Protocol):
             self.fail(ProtocolError(f"engine reply head or trailers longer than {MAX_HEAD} bytes"))
             self.transport.close()  # type: ignore[union-attr]
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.wake_writer()
+
+    def wake_writer(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
     def eof_received(self) -> None:
         return None  # close our side too: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.wake_writer()
         if not self.busy:
             self.pool.forget_idle(self)
             return
@@ -183,12 +199,45 @@ class Conn(asyncio.Protocol):
             self.fail(Disconnected("engine closed the connection"))
             return
         self.transport.write(data)  # type: ignore[union-attr]
-        if isinstance(rest, list):
-            for piece in rest:  # queued as they are (no join: vilms.serve.large)
-                self.transport.write(piece)  # type: ignore[union-attr]
+        if isinstance(rest, list):  # a large body's pieces (vilms.serve.large): paced, never joined
+            self.writing = self.loop.create_task(self.write_body(rest))
         elif rest:
             self.transport.write(rest)  # type: ignore[union-attr]
         self.arm()
+
+    async def write_body(self, pieces: list[bytes | memoryview]) -> None:
+        """A large body written WRITE_SLICE bytes per loop turn, waiting while the transport is paused. Why: written
+        at once, uvloop kept what the socket did not take and wrote it in one callback as fast as the engine read
+        it: a 64 MiB text to a local engine held the loop (and the GIL) 40-60 ms (bench/bigbodies.py, perf sched).
+        Stops when the exchange ends first (the engine answered or failed early); the connection is then not
+        reused (`release`: only a connection with nothing left to write goes back to the pool)."""
+        transport, turn = self.transport, 0
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                for at in range(0, len(view), WRITE_SLICE):
+                    if turn >= WRITE_SLICE or self.write_paused:  # never after the last write: see `release`
+                        turn = 0
+                        await self.drained()
+                    if self.lost or self.complete or self.exc is not None or transport.is_closing():  # type: ignore
+                        self.keep_alive = False
+                        return
+                    part = view[at:at + WRITE_SLICE]
+                    transport.write(part)  # type: ignore[union-attr]
+                    turn += len(part)
+        finally:
+            self.writing = None
+
+    async def drained(self) -> None:
+        """The next loop turn, or (the transport paused: the engine reads slower than we write) its resume."""
+        if not self.write_paused:
+            await asyncio.sleep(0)
+            return
+        self.writable = self.loop.create_future()
+        try:
+            await self.writable
+        finally:
+            self.writable = None
 
     def arm(self) -> None:
         when = min(self.deadline, self.last + self.read_timeout)
@@ -323,7 +372,7 @@ class Reply:
     def release(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            reusable = conn.complete and conn.keep_alive and not conn.lost and (
+            reusable = conn.complete and conn.keep_alive and not conn.lost and conn.writing is None and (
                 self.inflater is None or not self.inflater.unconsumed_tail)
             conn.pool.put_back(conn) if reusable else conn.pool.drop(conn)
 

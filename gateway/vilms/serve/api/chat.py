@@ -21,7 +21,7 @@ async def handle(body: dict[str, Any], admitted: Admitted) -> Response:
     route = admitted.resolve(parsed.model, "chat", PATH)
     enforce_policy(parsed.model_extra, parsed.n, admitted.policy(route))
     admitted.fill(route, body)
-    body["messages"] = await admitted.images(route, body["messages"], type(body) is Large)
+    body["messages"] = await admitted.images(route, body["messages"], body if type(body) is Large else None)
     engine = admitted.engine(route)
     if not isinstance(engine, OpenAICompatEngine):  # it translates the body: long texts it reads become strings
         body = await whole(body)

@@ -29,7 +29,7 @@ from vilms.serve.observe import Observation
 from vilms.serve.api.guard import Guard, caller_request_id, head_fields
 from vilms.serve.api.bodies import LARGE
 from vilms.serve.api.requests import parse_body, read_body
-from vilms.serve.large import Bodies
+from vilms.serve.large import Bodies, Large
 from vilms.serve.api.state import GatewayState
 
 JSON = "application/json"
@@ -87,15 +87,18 @@ class Admitted:
         apply_defaults(body, extras.defaults, extras.max_tokens)
         clamp_tokens(body, self.policy(route))
 
-    async def images(self, route: Route, messages: list[dict[str, Any]], large: bool = False) -> list[dict[str, Any]]:
+    async def images(self, route: Route, messages: list[dict[str, Any]],
+                     large: Large | None = None) -> list[dict[str, Any]]:
         """Chat-shaped messages with every image checked (part types, count, frames) and, if any, decoded,
         verified and resized off the event loop; messages without images come back as they were. `large`: the
-        body took the large road, so the pass over its parts runs in the body thread (60,000 parts: ~10 ms)."""
+        body that took the large road (its parts are passed over in the body thread, 60,000 parts: ~10 ms; its
+        kept image URL literals are decoded from where they lie)."""
         guard, limits = self.guard, self.state.extras[route.name].image_limits
         check = (messages, guard.part_types[route.name], limits.max_frames, guard.max_images)
-        if not (await Bodies.run(inspect_content, *check) if large else inspect_content(*check)):
+        if not (await Bodies.run(inspect_content, *check) if large is not None else inspect_content(*check)):
             return messages
-        return await prepare_images(messages, limits, self.state.fetcher, guard.decoder, self.owner)
+        return await prepare_images(messages, limits, self.state.fetcher, guard.decoder, self.owner,
+                                    large.literal if large is not None and large.texts else None)
 
     async def slot(self, route: Route) -> None:
         await self.guard.slot(route, self.obs)
