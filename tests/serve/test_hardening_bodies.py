@@ -246,6 +246,24 @@ def test_an_image_url_that_is_not_plain_ascii_becomes_a_string(small_windows, ur
     assert body.literal(value) is None and value == orjson.loads(raw)["messages"][1]["content"][1]["image_url"]["url"]
 
 
+def test_used_image_literals_are_forgotten_and_the_body_freed_when_nothing_else_needs_it(small_windows):
+    """Once images are prepared, their literals are dropped (review: Ollama's adapter made 44 MiB of strings of
+    them); the received body goes once no message text is kept."""
+    from vilms.serve.api.requests import _loads
+
+    url = "data:image/png;base64," + "QUJD" * 60
+    raw = chat_with_long_texts(["s" * 100, "t" * 100, url, "m"])
+    body = small_windows.parse_large(raw, None, _loads, True)
+    assert len(body.texts) == 3 and len(body.images) == 1
+    body.images_used()
+    assert len(body.texts) == 2 and not body.images and body.raw
+    short = chat_with_long_texts(["s", "t", url, "m"])
+    only_image = small_windows.parse_large(short, None, _loads, True)
+    assert list(only_image.texts) == list(only_image.images)
+    only_image.images_used()
+    assert not only_image.texts and not only_image.raw
+
+
 def test_a_kept_message_text_is_still_checked(small_windows):
     from vilms.errors import BadRequest
     from vilms.serve.api.requests import _loads

@@ -152,6 +152,61 @@ def test_a_large_body_arrives_whole(pieces):
     assert got == [big]
 
 
+def test_a_large_body_to_a_slow_reader_arrives_whole_and_the_connection_is_kept():
+    """A large body (pieces) is written a slice per loop turn, waiting while the transport is paused: a reader
+    that takes 64 KiB per turn still gets every byte in order, and the connection serves the next request."""
+    big = bytes(range(256)) * 65536  # 16 MiB: more than the loopback socket buffers hold
+    got: list[bytes] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, script: Script) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b"":
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            data = bytearray()
+            while len(data) < length:
+                data += await reader.read(min(65536, length - len(data)))
+                await asyncio.sleep(0)
+            got.append(bytes(data))
+            writer.write(ok(b"%d" % len(data)))
+
+    script = Script(slow)
+
+    async def main() -> None:
+        async with script as url:
+            upstream = pool()
+            for _ in range(2):
+                body = [big[:1 << 20], memoryview(big)[1 << 20:], b""]
+                assert await (await upstream.request(url, "/a", body)).read(100) == b"%d" % len(big)
+    run(main())
+    assert got == [big, big] and script.connections == 1
+
+
+def test_an_engine_that_answers_before_reading_the_body_has_its_connection_aborted():
+    """An engine that answers (413) without reading a large body and then neither reads nor closes: the writer
+    ends when the reply is released and the connection is aborted, not closed (close() waits to flush what the
+    engine will never read: the writer task, its 64 MiB and the socket were kept for good; review)."""
+    stop = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, script: Script) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1 << 20)
+        await asyncio.sleep(0.3)  # (sequencing, not timing) the gateway's writer fills the socket and pauses
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\nno")
+        await writer.drain()
+        await stop.wait()
+
+    async def main() -> None:
+        async with Script(early) as url:
+            upstream = pool()
+            reply = await upstream.request(url, "/a", [bytes(1 << 20)] * 64)
+            writer = reply.conn.writing  # type: ignore[union-attr]
+            assert reply.status == 413 and await reply.read(100) == b"no"
+            assert writer is not None  # still writing when the reply came
+            await asyncio.wait_for(writer, 5)
+            assert upstream.open == 0
+            stop.set()
+    run(main())
+
+
 def test_http_and_https_only_and_credentials_in_the_url_sent_as_basic_auth():
     """ftp:// is refused; https:// is spoken as TLS (against a plain-HTTP server the handshake fails: a connect
     failure, the next URL may be tried); user:password in the URL becomes Basic authorization, as aiohttp sent it."""

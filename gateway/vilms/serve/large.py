@@ -35,6 +35,19 @@ class Large(dict):
     nonce: str = ""
     texts: dict[str, tuple[int, int]] = {}
 
+    images: frozenset[str] = frozenset()  # the placeholders in `texts` that are image URLs
+
+    def images_used(self) -> None:
+        """The kept image URL literals were decoded (their parts now hold prepared images): forgotten, so that
+        nothing makes them strings later (Ollama's adapter: 44 MiB for three images) and the received body is
+        freed (in this thread's pool) once no message text needs it."""
+        for place in self.images:
+            self.texts.pop(place, None)
+        self.images = frozenset()
+        if not self.texts and self.raw:
+            held, self.raw = [self.raw], b""
+            Bodies.executor.submit(held.clear)
+
     def literal(self, value: Any) -> memoryview | None:
         """The content of the kept literal `value` stands for (a view of the received body), None if it is not a
         placeholder. Chat image URLs are kept too when plain ASCII (vilms.serve.api.bodies.image_urls)."""

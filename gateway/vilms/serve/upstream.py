@@ -251,7 +251,10 @@ class Upstream:
         conn.lost = True
         conn.disarm()
         if conn.transport is not None:
-            conn.transport.close()
+            if conn.writing is not None or conn.transport.get_write_buffer_size():
+                conn.transport.abort()  # close() would wait to flush a body the engine may never read (review)
+            else:
+                conn.transport.close()
 
     def free_slot(self) -> None:
         self.open -= 1

@@ -184,6 +184,7 @@ class Conn(asyncio.Protocol):
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.disarm()
         self.wake()
+        self.wake_writer()  # an engine that answered before reading the whole body: the writer stops
 
     # --- the exchange ---------------------------------------------------------------------------------------------
     def send(self, data: bytes, rest: bytes | list[bytes | memoryview], deadline: float, head_deadline: float) -> None:
@@ -273,6 +274,7 @@ class Conn(asyncio.Protocol):
         self.keep_alive = False
         self.disarm()
         self.wake()
+        self.wake_writer()
 
     def wake(self) -> None:
         waiter = self.waiter

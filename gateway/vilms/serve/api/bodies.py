@@ -87,7 +87,9 @@ def parse_large(raw: bytes, max_nodes: int | None, loads: Callable[..., dict[str
             opening, closing = places[place]
             for _ in _decoded(raw, opening + 1, closing):  # checked as orjson would, then dropped
                 pass
-        kept |= {place for place in image_urls(body, places) if plain(raw, places[place][0] + 1, places[place][1])}
+        images = {place for place in image_urls(body, places) if plain(raw, places[place][0] + 1, places[place][1])}
+        kept |= images
+        body.images = frozenset(images)
         if kept:
             body.raw, body.texts = raw, {place: places[place] for place in kept}
         put_back(body, {place: string_value(raw, o + 1, c) for place, (o, c) in places.items() if place not in kept})

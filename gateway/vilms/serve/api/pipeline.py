@@ -97,8 +97,11 @@ class Admitted:
         check = (messages, guard.part_types[route.name], limits.max_frames, guard.max_images)
         if not (await Bodies.run(inspect_content, *check) if large is not None else inspect_content(*check)):
             return messages
-        return await prepare_images(messages, limits, self.state.fetcher, guard.decoder, self.owner,
-                                    large.literal if large is not None and large.texts else None)
+        prepared = await prepare_images(messages, limits, self.state.fetcher, guard.decoder, self.owner,
+                                        large.literal if large is not None and large.images else None)
+        if large is not None and large.images:
+            large.images_used()
+        return prepared
 
     async def slot(self, route: Route) -> None:
         await self.guard.slot(route, self.obs)
