@@ -8,7 +8,8 @@ parses the skeleton left in runs of whole elements (vilms.serve.api.jsonsplit: a
 ~250 orjson calls), and turns each long string into its value in windows of WINDOW bytes, one short orjson call
 each. A chat message's text is only checked that way, never made a Python string: the body keeps a placeholder
 there and the client's literal is put back when the body is forwarded (vilms.serve.large: a 64 MiB text with CJK
-was one ~90 MB join, 84-107 ms of GIL). One thread does this for every large body (`Bodies`): one more GIL holder,
+was one ~90 MB join, 84-107 ms of GIL); a chat image's plain-ASCII data URL is kept the same way and decoded from
+the received body by vilms.serve.media. One thread does this for every large body (`Bodies`): one more GIL holder,
 never one per request.
 
 Finding the long strings without tokenising the whole body: it is cut into stretches of LONG // 2 bytes; a stretch
